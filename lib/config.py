@@ -1,0 +1,167 @@
+"""The one place where paths and run parameters are resolved.
+
+Paths: an explicit argument wins, then an environment variable, then a folder of
+the project.  Run parameters: a named profile (``smoke`` or ``full``) gives
+defaults, explicit knobs override them, and every value is validated here so a
+notebook fails in its first cell with a message naming the parameter.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ENV_DATA = "CERVICAL_KIT_DATA"        # folder holding uci/ and sipakmed/
+ENV_CACHE = "CERVICAL_KIT_CACHE"      # features, synthetic images, converted weights
+ENV_BUILD = "CERVICAL_KIT_BUILD"      # executed notebooks, models, metrics JSON
+ENV_FIGURES = "CERVICAL_KIT_FIGURES"  # figures the report embeds
+
+
+def _resolve(path, env: str, default: Path) -> Path:
+    if path is not None and str(path) != "":
+        return Path(path).expanduser().resolve()
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser().resolve()
+    return default
+
+
+def data_root(path=None) -> Path:
+    """Where raw data lives (read-only): argument, then $CERVICAL_KIT_DATA, then ``data/``."""
+    return _resolve(path, ENV_DATA, ROOT / "data")
+
+
+def cache_dir(path=None) -> Path:
+    """Derived, reproducible files (safe to delete): argument, $CERVICAL_KIT_CACHE, ``.cache/``."""
+    d = _resolve(path, ENV_CACHE, ROOT / ".cache")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def build_dir(path=None) -> Path:
+    """Outputs of a run (models, metrics, executed notebooks): argument, $CERVICAL_KIT_BUILD, ``build/``."""
+    d = _resolve(path, ENV_BUILD, ROOT / "build")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def run_dir(profile: str = "smoke", path=None) -> Path:
+    """``build/<profile>/``: one profile's outputs never overwrite another's."""
+    if profile not in PROFILES:
+        raise ValueError(f"parameter 'profile': expected one of {sorted(PROFILES)}, got {profile!r}")
+    d = build_dir(path) / profile
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def models_dir(profile: str = "smoke", path=None) -> Path:
+    """Saved Keras models and fitted preprocessing of one profile."""
+    d = run_dir(profile, path) / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def metrics_dir(profile: str = "smoke", path=None) -> Path:
+    """Metrics JSON of one profile; the report's tables are read from here."""
+    d = run_dir(profile, path) / "metrics"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def figures_dir(path=None) -> Path:
+    """Figures written by the notebooks: argument, $CERVICAL_KIT_FIGURES, ``figures/``."""
+    d = _resolve(path, ENV_FIGURES, ROOT / "figures")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def uci_csv_path(data_dir=None) -> Path:
+    """Expected location of the UCI risk-factors CSV under the data root."""
+    return data_root(data_dir) / "uci" / "risk_factors_cervical_cancer.csv"
+
+
+def sipakmed_dir(data_dir=None) -> Path:
+    """Expected location of real SIPaKMeD (official or Kaggle layout) under the data root."""
+    return data_root(data_dir) / "sipakmed"
+
+
+# --------------------------------------------------------------------------- profiles
+PROFILES: dict[str, dict] = {
+    # minutes on a 2-core CPU: a few images per class, small images, 1-2 epochs
+    "smoke": dict(
+        images_per_class=24,
+        image_size=64,
+        epochs=2,
+        batch_size=16,
+        backbone="efficientnet_lite0",
+        weights="imagenet",
+        tabular_cv_repeats=1,
+        tabular_epochs=30,
+        bootstrap=200,
+    ),
+    # the real thing: every image, 224 px
+    "full": dict(
+        images_per_class=None,
+        image_size=224,
+        epochs=15,
+        batch_size=32,
+        backbone="efficientnet_lite0",
+        weights="imagenet",
+        tabular_cv_repeats=5,
+        tabular_epochs=200,
+        bootstrap=1000,
+    ),
+}
+
+IMAGE_SIZE_RANGE = (32, 600)
+
+
+def run_params(profile: str = "smoke", **overrides) -> dict:
+    """Profile defaults overridden by explicit knobs (``None`` means "use the profile's").
+
+    Raises ``ValueError`` naming the parameter when a value is out of range.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"parameter 'profile': expected one of {sorted(PROFILES)}, got {profile!r}")
+    params = dict(PROFILES[profile])
+    params["profile"] = profile
+    params.setdefault("seed", 42)
+    for key, value in overrides.items():
+        if value is not None:
+            params[key] = value
+    size = params["image_size"]
+    if not isinstance(size, int) or not IMAGE_SIZE_RANGE[0] <= size <= IMAGE_SIZE_RANGE[1]:
+        raise ValueError(
+            f"parameter 'image_size': expected an integer in {IMAGE_SIZE_RANGE[0]}..{IMAGE_SIZE_RANGE[1]} px, got {size!r}"
+        )
+    for key in ("epochs", "batch_size"):
+        if not isinstance(params[key], int) or params[key] < 1:
+            raise ValueError(f"parameter {key!r}: expected a positive integer, got {params[key]!r}")
+    ipc = params["images_per_class"]
+    if ipc is not None and (not isinstance(ipc, int) or ipc < 2):
+        raise ValueError(f"parameter 'images_per_class': expected None (all) or an integer >= 2, got {ipc!r}")
+    return params
+
+
+def seed_everything(seed: int = 42) -> None:
+    """Seed Python, NumPy and (if imported) TensorFlow, and ask TF for deterministic ops.
+
+    A rerun with the same seed gives the same tables.
+    """
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    import numpy as np
+
+    np.random.seed(seed)
+    import sys
+
+    if "tensorflow" in sys.modules or "keras" in sys.modules:
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(seed)
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except Exception:  # pragma: no cover - older TF
+            pass
