@@ -1,0 +1,67 @@
+# One entry point. `make report` builds the website; `make test` runs every check.
+# PROFILE=smoke (minutes) or PROFILE=full (every image, 224 px; the default for the report).
+PROFILE ?= full
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
+
+.PHONY: help venv data report notebooks site check-report test unit nbval smoke lab bench clean-notebooks clean
+
+help:
+	@echo "make report [PROFILE=full|smoke] [DATA=folder]  run the notebooks headless, render _site/"
+	@echo "make test                                      unit tests + smoke notebooks + nbval + browser check"
+	@echo "make data [DATA=folder]                        download UCI + SIPaKMeD (needs a network)"
+	@echo "make lab                                       open the notebooks in JupyterLab"
+	@echo "make bench                                     benchmarks -> build/benchmarks/*.json + .png"
+
+# The virtual environment is created on first use and refreshed when the pins change.
+venv: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+data: venv
+	$(PY) -m lib.download all $(DATA_ARG)
+
+notebooks: venv
+	$(PY) -m lib.pipeline --profile $(PROFILE) $(DATA_ARG)
+
+site: venv
+	$(PY) -m lib.site --profile $(PROFILE)
+
+report: notebooks site
+
+check-report: venv
+	$(PY) -m lib.browser_check --site _site --screenshots build/screenshots
+
+unit: venv
+	$(PY) -m pytest -q tests
+
+nbval: venv
+	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider build/smoke/notebooks/*.ipynb
+
+# Everything CI checks, in the order a failure is cheapest to find.
+test: unit
+	$(MAKE) report PROFILE=smoke
+	$(MAKE) nbval
+	$(MAKE) check-report
+
+smoke:
+	$(MAKE) report PROFILE=smoke
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean-notebooks: venv
+	$(PY) tools/nbclean.py notebooks/*.ipynb
+
+clean:
+	rm -rf build _site .cache
