@@ -500,7 +500,7 @@ def lite0_weights_path(cache_dir=None, source=None) -> Path:
     set_weights_by_name(model, arrays, strict=True)
     import h5py
 
-    with atomic_path(target) as tmp:
+    with atomic_path(target, suffix=".weights.h5") as tmp:  # Keras insists on the suffix
         model.save_weights(str(tmp))
         with h5py.File(tmp, "a") as f:
             f.attrs[ATTR_SOURCE_SHA256] = sha
