@@ -1,0 +1,88 @@
+"""Shared fixtures: project locations (relative to this file) and tiny real image trees."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the team's shared read-only data (``../shared/data`` next to the checkout); may be absent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; skips the test when it is not there (e.g. a user's checkout)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (only the team machines have it)")
+    return SHARED_DATA
+
+
+def write_image(path, size=(12, 9), mode="RGB", value=0) -> Path:
+    """A real, decodable image file (format from the suffix) of ``size`` (w, h) and ``mode``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = (np.arange(w * h * channels, dtype=np.uint32).reshape(h, w, channels) * 7 + value) % 256
+    arr = arr.astype(np.uint8)
+    Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_writer():
+    """The :func:`write_image` helper, as a fixture for test modules."""
+    return write_image
+
+
+#: a tiny SIPaKMeD: class -> {cluster: cells}; 2-3 clusters per class, 13 cells in all
+TINY_SIPAKMED = {
+    "Dyskeratotic": {"001": 2, "002": 1},
+    "Koilocytotic": {"001": 1, "003": 2},
+    "Metaplastic": {"001": 3},
+    "Parabasal": {"005": 1, "006": 1},
+    "Superficial-Intermediate": {"001": 1, "010": 1},
+}
+
+
+def make_sipakmed_tree(root, layout="kaggle", clusters=None, size=(12, 9)) -> Path:
+    """Write a tiny SIPaKMeD tree in the ``"kaggle"`` or ``"official"`` layout.
+
+    The official one also gets what the real archives hold outside ``CROPPED``: a
+    cluster-level ``NNN.bmp`` and ``.dat`` boundary files.
+    """
+    root = Path(root)
+    clusters = TINY_SIPAKMED if clusters is None else clusters
+    for cls, cl in clusters.items():
+        top = root / f"im_{cls}"
+        cropped = (top / "CROPPED") if layout == "official" else (top / f"im_{cls}" / "CROPPED")
+        cropped.mkdir(parents=True, exist_ok=True)
+        for nnn, k in cl.items():
+            for mm in range(1, k + 1):
+                write_image(cropped / f"{nnn}_{mm:02d}.bmp", size=size)
+                if layout == "official":
+                    (cropped / f"{nnn}_{mm:02d}_cyt.dat").write_text("1.0,2.0\n")
+            if layout == "official":
+                write_image(top / f"{nnn}.bmp", size=(40, 30))
+                (top / f"{nnn}_cyt01.dat").write_text("1.0,2.0\n")
+    return root
+
+
+@pytest.fixture
+def sipakmed_tree():
+    """The :func:`make_sipakmed_tree` helper, as a fixture."""
+    return make_sipakmed_tree
+
+
+def tree_snapshot(root) -> dict:
+    """``{relative path: (size, mtime_ns)}`` of everything under ``root`` (to prove nothing is written)."""
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def snapshot():
+    return tree_snapshot
