@@ -131,7 +131,8 @@ def run_notebook(notebook: Path, output: Path, params: dict) -> dict:
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, failed)
                 raise NotebookFailed(
-                    f"{notebook.name} failed in cell {err.exec_count} (code cell index {err.cell_index}): "
+                    f"{notebook.name} failed at cell {err.cell_index} (In [{err.exec_count}]), "
+                    f"which starts {err.source.strip().splitlines()[0][:60]!r}: "
                     f"{err.ename}: {err.evalue}\n  executed copy with the traceback: {failed}"
                 ) from None
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(mem.peak / 2**20, 1)}

@@ -1,0 +1,137 @@
+"""Figures and small tables of the exploratory notebook (01_eda).
+
+Each function returns a matplotlib figure or a DataFrame; the notebook shows it and saves it
+with :func:`lib.plots.save_figure`. Nothing here reads raw files: it takes the validated
+tables of :mod:`lib.image_data` and :mod:`lib.uci`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def class_balance(table: pd.DataFrame) -> pd.DataFrame:
+    """Images and cluster groups per class, with the abnormal flag and shares."""
+    g = table.groupby("label")
+    out = pd.DataFrame({
+        "images": g.size(),
+        "groups": g["group"].nunique(),
+        "abnormal": g["abnormal"].first(),
+    })
+    out["share_of_images"] = (out["images"] / out["images"].sum()).round(3)
+    out["images_per_group"] = (out["images"] / out["groups"]).round(2)
+    return out
+
+
+def class_balance_figure(table: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    cb = class_balance(table)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    colors = ["#c0392b" if a else "#2e86c1" for a in cb["abnormal"]]
+    axes[0].barh(cb.index, cb["images"], color=colors)
+    axes[0].set_xlabel("images")
+    axes[0].set_title("Cells per class (red = abnormal)")
+    axes[1].barh(cb.index, cb["groups"], color=colors)
+    axes[1].set_xlabel("cluster images (groups)")
+    axes[1].set_title("Cluster images per class")
+    axes[1].set_yticklabels([])
+    fig.tight_layout()
+    return fig
+
+
+def gallery_figure(table: pd.DataFrame, per_class: int = 6, seed: int = 42, thumb: int = 96):
+    """A grid of cells: one row per class, ``per_class`` random cells each (seeded)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    classes = sorted(table["label"].unique())
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.6 * per_class, 1.7 * len(classes)), squeeze=False)
+    for r, cls in enumerate(classes):
+        rows = table[table["label"] == cls]
+        pick = rows.sample(n=min(per_class, len(rows)), random_state=seed)
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            if c < len(pick):
+                with Image.open(pick.iloc[c]["path"]) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((thumb, thumb))
+                    ax.imshow(np.asarray(im))
+                ax.set_title(f"{pick.iloc[c]['width']}x{pick.iloc[c]['height']}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(cls, fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle("Cells per class (crop size in px above each)", y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+def image_size_figure(table: pd.DataFrame):
+    """Crop width x height per class: the pipeline resizes every crop to one square size."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    sns.scatterplot(data=table, x="width", y="height", hue="label", s=12, alpha=0.6, ax=axes[0])
+    axes[0].set_title("Crop sizes (px)")
+    axes[0].legend(fontsize=7, markerscale=1.5)
+    long = table.assign(longest_side=table[["width", "height"]].max(axis=1))
+    sns.boxplot(data=long, y="label", x="longest_side", ax=axes[1], color="#aed6f1")
+    axes[1].set_title("Longest side per class (px)")
+    axes[1].set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def group_size_figure(table: pd.DataFrame):
+    """How many cells each cluster image contributes: why splits must be grouped."""
+    import matplotlib.pyplot as plt
+
+    sizes = table.groupby(["label", "group"]).size().rename("cells").reset_index()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for cls, d in sizes.groupby("label"):
+        ax.hist(d["cells"], bins=range(1, int(sizes["cells"].max()) + 2), alpha=0.5, label=cls)
+    ax.set_xlabel("cells cropped from one cluster image")
+    ax.set_ylabel("cluster images")
+    ax.legend(fontsize=7)
+    ax.set_title("Cells per cluster image")
+    fig.tight_layout()
+    return fig
+
+
+def missingness_figure(raw: pd.DataFrame):
+    """Missing-value map of the raw UCI table (rows x columns, dark = missing)."""
+    import matplotlib.pyplot as plt
+
+    miss = raw.isna()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 1.3]})
+    axes[0].imshow(miss.to_numpy().T, aspect="auto", cmap="Greys", interpolation="nearest")
+    axes[0].set_yticks(range(raw.shape[1]))
+    axes[0].set_yticklabels(raw.columns, fontsize=6)
+    axes[0].set_xlabel("patient (row)")
+    axes[0].set_title("Missing values (black = '?')")
+    axes[0].grid(False)
+    frac = miss.mean().sort_values()
+    axes[1].barh(frac.index, frac.values, color=["#c0392b" if f > 0.5 else "#7f8c8d" for f in frac.values])
+    axes[1].set_xlim(0, 1)
+    axes[1].tick_params(axis="y", labelsize=6)
+    axes[1].set_title("Fraction missing per column")
+    fig.tight_layout()
+    return fig
+
+
+def prevalence_figure(frame: pd.DataFrame, targets) -> "plt.Figure":
+    import matplotlib.pyplot as plt
+
+    prev = frame[list(targets)].mean()
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.barh(prev.index, prev.values, color="#8e44ad")
+    for i, (n, v) in enumerate(zip(frame[list(targets)].sum(), prev.values)):
+        ax.text(v + 0.002, i, f"{int(n)} ({v:.1%})", va="center", fontsize=8)
+    ax.set_xlim(0, max(prev.values) * 1.4)
+    ax.set_xlabel("share of patients positive")
+    ax.set_title("Target prevalence (UCI risk factors)")
+    fig.tight_layout()
+    return fig

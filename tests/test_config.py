@@ -1,0 +1,94 @@
+"""lib.config: one place for paths and parameters; lib.atomic: outputs are never half-written."""
+import json
+import os
+
+import pytest
+
+from lib import atomic, config
+
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.ENV_DATA, raising=False)
+    assert config.data_root() == config.ROOT / "data"
+    monkeypatch.setenv(config.ENV_DATA, str(tmp_path / "env"))
+    assert config.data_root() == (tmp_path / "env").resolve()
+    assert config.data_root(tmp_path / "arg") == (tmp_path / "arg").resolve()
+    assert config.uci_csv_path(tmp_path) == tmp_path.resolve() / "uci" / "risk_factors_cervical_cancer.csv"
+
+
+def test_run_dirs_are_per_profile(tmp_path):
+    smoke = config.models_dir("smoke", tmp_path)
+    full = config.models_dir("full", tmp_path)
+    assert smoke != full and smoke.is_dir() and full.is_dir()
+    assert config.metrics_dir("smoke", tmp_path).parent == config.run_dir("smoke", tmp_path)
+    with pytest.raises(ValueError, match="profile"):
+        config.run_dir("medium", tmp_path)
+
+
+def test_run_params_profiles_and_overrides():
+    smoke = config.run_params("smoke")
+    full = config.run_params("full")
+    assert smoke["image_size"] < full["image_size"] == 224
+    assert full["images_per_class"] is None
+    p = config.run_params("smoke", image_size=96, epochs=None, seed=7)
+    assert p["image_size"] == 96 and p["epochs"] == smoke["epochs"] and p["seed"] == 7
+
+
+@pytest.mark.parametrize("knob,value,match", [
+    ("image_size", 8, "image_size"), ("image_size", 1000, "image_size"), ("image_size", 64.5, "image_size"),
+    ("epochs", 0, "epochs"), ("batch_size", -1, "batch_size"), ("images_per_class", 1, "images_per_class"),
+])
+def test_run_params_rejects_out_of_range(knob, value, match):
+    with pytest.raises(ValueError, match=match):
+        config.run_params("smoke", **{knob: value})
+
+
+def test_unknown_profile_is_named():
+    with pytest.raises(ValueError, match="'profile'.*medium"):
+        config.run_params("medium")
+
+
+def test_seed_everything_repeats_numpy():
+    import numpy as np
+
+    config.seed_everything(3)
+    a = np.random.rand(3)
+    config.seed_everything(3)
+    assert (np.random.rand(3) == a).all()
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.json"
+    atomic.write_json(target, {"b": 1, "a": 2})
+    assert json.loads(target.read_text()) == {"a": 2, "b": 1}
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert json.loads(target.read_text()) == {"a": 2, "b": 1}  # earlier result intact
+    assert os.listdir(tmp_path) == ["out.json"]  # no temporary left behind
+
+
+def test_atomic_json_converts_numpy(tmp_path):
+    import numpy as np
+
+    atomic.write_json(tmp_path / "n.json", {"x": np.float32(0.5), "v": np.arange(2)})
+    assert atomic.read_json(tmp_path / "n.json") == {"x": 0.5, "v": [0, 1]}
+
+
+def test_save_figure_stamps_and_rejects_folders(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib import plots
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    out = plots.save_figure(fig, "demo", synthetic=True, figures_dir=tmp_path)
+    assert out == tmp_path / "demo.png" and out.stat().st_size > 1000
+    assert any(t.get_text() == plots.SYNTHETIC_STAMP for t in fig.texts)
+    with pytest.raises(ValueError, match="folders"):
+        plots.save_figure(fig, "sub/demo", figures_dir=tmp_path)
+    plt.close(fig)
