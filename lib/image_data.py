@@ -1,0 +1,428 @@
+"""Image tables: one validated row per image, whatever folder the images came from.
+
+Everything downstream (splits, tf.data pipelines, feature caches) reads an
+:class:`ImageDataset` table, never raw folders, so the checks live here once:
+every file is opened with PIL (a corrupt or mislabelled file fails now, naming the
+file, not in epoch 3), every image gets its cluster ``group`` (the unit that must never
+cross a split), and a synthetic stand-in can never pass for real data.
+
+Notebooks call one function, :func:`load_image_dataset`.  Raw data folders are only read.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFile
+
+from . import config
+from .manifest import ABNORMAL, CLASSES, class_folder
+
+#: file extensions read as images (case-insensitive); anything else (``.dat`` boundary
+#: files, ``Thumbs.db``, READMEs) is ignored, as are hidden files such as macOS ``._*``
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MARKER = "SYNTHETIC.txt"
+SOURCES = ("sipakmed-official", "sipakmed-kaggle", "synthetic", "folder")
+TABLE_COLUMNS = ["path", "label", "label_idx", "group", "abnormal", "width", "height", "mode"]
+_CELL_NAME = re.compile(r"^(\d+)_(\d+)$")  # NNN_MM: cell MM of cluster image NNN
+_LAYOUTS = {
+    "official": "root/im_<Class>/CROPPED/NNN_MM.bmp (official per-class .7z extracted)",
+    "kaggle": "root/im_<Class>/im_<Class>/CROPPED/NNN_MM.bmp (Kaggle mirror)",
+}
+
+
+@dataclass
+class ImageDataset:
+    """A validated image table plus what it came from.
+
+    ``table`` columns: ``path`` (absolute str), ``label``, ``label_idx`` (index into
+    ``classes``), ``group`` (``"<class>/<cluster>"``), ``abnormal`` (bool), ``width``,
+    ``height``, ``mode`` (PIL mode; the input pipeline converts to RGB).
+    ``skipped``: ``(file, reason)`` for every unreadable file left out with ``on_bad="skip"``.
+    ``marker``: the ``SYNTHETIC.txt`` found at or above ``root``, if any.
+    """
+
+    table: pd.DataFrame
+    classes: list[str]
+    abnormal_classes: list[str]
+    source: str
+    root: Path
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    layout: str | None = None
+    marker: str | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        """True for the procedural stand-in: nothing learned from it says anything about real cells."""
+        return self.source == "synthetic" or self.marker is not None
+
+    def summary(self) -> pd.DataFrame:
+        """Per class: images, cluster groups, abnormal flag, median width/height, modes."""
+        t = self.table
+        g = t.groupby("label", sort=True)
+        out = pd.DataFrame({
+            "images": g.size(),
+            "groups": g["group"].nunique(),
+            "abnormal": g["abnormal"].first(),
+            "median_width": g["width"].median(),
+            "median_height": g["height"].median(),
+            "modes": g["mode"].agg(lambda s: ",".join(sorted(set(s)))),
+        }).reindex(self.classes)
+        out.index.name = "class"
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(source={self.source!r}, images={len(self.table)}, classes={len(self.classes)}, "
+            f"groups={self.table['group'].nunique()}, synthetic={self.synthetic}, skipped={len(self.skipped)})"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_on_bad(on_bad: str) -> None:
+    if on_bad not in ("raise", "skip"):
+        raise ValueError(f"parameter 'on_bad': expected 'raise' or 'skip', got {on_bad!r}")
+
+
+def _check_root(root) -> Path:
+    if root is None:
+        raise ValueError("parameter 'root': expected a folder path, got None")
+    root = Path(root).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} is a file, expected a folder")
+    return root
+
+
+def _find_marker(root: Path) -> str | None:
+    """``SYNTHETIC.txt`` in ``root`` or any folder above it."""
+    for d in (root, *root.parents):
+        if (d / MARKER).is_file():
+            return str(d / MARKER)
+    return None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (no recursion), hidden files excluded, sorted."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _describe_folder(folder: Path) -> str:
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    dirs = sorted(p.name for p in entries if p.is_dir())
+    files = sorted(p.name for p in entries if not p.is_dir())
+    parts = []
+    if dirs:
+        parts.append(f"{len(dirs)} subfolder(s) {dirs[:5]}")
+    if files:
+        parts.append(f"{len(files)} other file(s) {files[:5]}")
+    return "it holds " + (" and ".join(parts) if parts else "nothing")
+
+
+def _read_header(path: Path) -> tuple[int, int, str]:
+    """Width, height, mode; decodes the pixels too (about 0.15 ms per SIPaKMeD cell) because
+    PIL's ``verify()`` is a no-op for BMP and would let a truncated file through."""
+    with Image.open(path) as im:
+        width, height, mode = im.size[0], im.size[1], im.mode
+        im.load()
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width}x{height})")
+    return int(width), int(height), str(mode)
+
+
+def _scan(files: list[tuple[Path, str, str]], on_bad: str, what: str):
+    """Open every ``(path, label, group)``; returns rows and ``skipped`` (or raises)."""
+    rows, bad = [], []
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is bad input, even if someone relaxed PIL globally
+    try:
+        for path, label, group in files:
+            if group is None:
+                bad.append((str(path), "file name does not match NNN_MM.<ext> (cell MM of cluster image NNN), "
+                                       "so its cluster group is unknown"))
+                continue
+            try:
+                width, height, mode = _read_header(path)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                bad.append((str(path), f"not a readable image: {type(exc).__name__}: {exc}"))
+                continue
+            rows.append((str(path), label, group, width, height, mode))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+    if bad:
+        listing = "\n".join(f"  {f}: {r}" for f, r in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        if on_bad == "raise":
+            raise ValueError(
+                f"{len(bad)} bad image file(s) in {what}; expected readable images "
+                f"(pass on_bad='skip' to leave them out, listed in .skipped):\n{listing}{more}"
+            )
+        warnings.warn(f"skipped {len(bad)} bad image file(s) in {what}:\n{listing}{more}", UserWarning, stacklevel=3)
+    return rows, bad
+
+
+def _build(rows, classes, abnormal_classes, source, root, skipped, layout) -> ImageDataset:
+    table = pd.DataFrame(rows, columns=["path", "label", "group", "width", "height", "mode"])
+    missing = [c for c in classes if c not in set(table["label"])]
+    if missing:
+        raise ValueError(f"no readable images left for class(es) {missing} in {root} after skipping bad files")
+    index = {c: i for i, c in enumerate(classes)}
+    table["label_idx"] = table["label"].map(index).astype(int)
+    table["abnormal"] = table["label"].isin(set(abnormal_classes))
+    table = table[TABLE_COLUMNS].sort_values(["label_idx", "path"], kind="stable").reset_index(drop=True)
+    return ImageDataset(
+        table=table, classes=list(classes), abnormal_classes=list(abnormal_classes), source=source,
+        root=root, skipped=list(skipped), layout=layout, marker=_find_marker(root),
+    )
+
+
+# --------------------------------------------------------------------------- SIPaKMeD
+def detect_sipakmed_layout(root) -> str | None:
+    """``"official"``, ``"kaggle"`` or ``None`` (neither found for any class).
+
+    Raises ``ValueError`` when classes disagree, a class has both layouts, or some
+    classes are missing: a half-extracted download must not train a 3-class model.
+    """
+    root = Path(root)
+    found: dict[str, list[str]] = {}
+    for cls in CLASSES:
+        kinds = []
+        if (root / class_folder(cls) / "CROPPED").is_dir():
+            kinds.append("official")
+        if (root / class_folder(cls) / class_folder(cls) / "CROPPED").is_dir():
+            kinds.append("kaggle")
+        found[cls] = kinds
+    if not any(found.values()):
+        return None
+    both = [c for c, k in found.items() if len(k) == 2]
+    if both:
+        raise ValueError(f"SIPaKMeD folder {root}: class(es) {both} have both layouts "
+                         f"({_LAYOUTS['official']} and {_LAYOUTS['kaggle']}); keep one")
+    absent = [c for c, k in found.items() if not k]
+    if absent:
+        raise FileNotFoundError(
+            f"SIPaKMeD folder {root}: no CROPPED folder for class(es) {absent}; expected "
+            + " or ".join(_LAYOUTS.values()) + " for all five classes"
+        )
+    kinds = {k[0] for k in found.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"SIPaKMeD folder {root} mixes layouts: " +
+                         ", ".join(f"{c}: {k[0]}" for c, k in found.items()) + "; extract all classes the same way")
+    return kinds.pop()
+
+
+def load_sipakmed(root, on_bad: str = "raise") -> ImageDataset:
+    """The SIPaKMeD cropped cells under ``root``, official or Kaggle layout (detected).
+
+    Only ``CROPPED/`` is read: the official extraction's cluster-level ``NNN.bmp`` and
+    every ``.dat`` file are not cells and are ignored.  Group = ``"<class>/<NNN>"``.
+    A folder holding ``SYNTHETIC.txt`` (here or above) loads with ``source="synthetic"``.
+    ``on_bad="skip"`` leaves unreadable files out, listed in ``skipped`` and warned about.
+    """
+    _check_on_bad(on_bad)
+    root = _check_root(root)
+    layout = detect_sipakmed_layout(root)
+    if layout is None:
+        raise ValueError(
+            f"unknown layout in {root}: looked for SIPaKMeD as " + " and as ".join(_LAYOUTS.values())
+            + f"; {_describe_folder(root)}"
+        )
+    files = []
+    for cls in CLASSES:
+        cropped = root / class_folder(cls) / ("CROPPED" if layout == "official" else f"{class_folder(cls)}/CROPPED")
+        images = _image_files(cropped)
+        if not images:
+            raise ValueError(f"class folder {cropped} has no images (expected NNN_MM.bmp files); {_describe_folder(cropped)}")
+        for p in images:
+            m = _CELL_NAME.match(p.stem)
+            files.append((p, cls, f"{cls}/{m.group(1)}" if m else None))
+    rows, skipped = _scan(files, on_bad, f"SIPaKMeD folder {root}")
+    source = "synthetic" if _find_marker(root) else f"sipakmed-{layout}"
+    return _build(rows, list(CLASSES), list(ABNORMAL), source, root, skipped, layout)
+
+
+# --------------------------------------------------------------------------- any folder-per-class dataset
+def load_image_folder(root, abnormal_classes=(), on_bad: str = "raise") -> ImageDataset:
+    """Any ``root/<class>/<image>`` dataset (images directly in each class folder).
+
+    Groups: a file named like ``NNN_MM.<ext>`` (cell MM of cluster image NNN, as in
+    SIPaKMeD) joins group ``"<class>/<NNN>"``; any other file is its own group
+    ``"<class>/<file name>"``, i.e. images are assumed independent - if yours are not
+    (several crops of one slide or patient), rename them or set ``group`` yourself
+    before splitting.  ``abnormal_classes`` names the positive classes of the binary view.
+    """
+    _check_on_bad(on_bad)
+    root = _check_root(root)
+    if isinstance(abnormal_classes, str):
+        abnormal_classes = (abnormal_classes,)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"unknown layout in {root}: expected one subfolder per class (root/<class>/<image>); "
+                         f"{_describe_folder(root)}")
+    classes = [p.name for p in class_dirs]
+    unknown = sorted(set(abnormal_classes) - set(classes))
+    if unknown:
+        raise ValueError(f"parameter 'abnormal_classes': {unknown} not among the class folders {classes} of {root}")
+    files = []
+    for d in class_dirs:
+        images = _image_files(d)
+        if not images:
+            raise ValueError(
+                f"class folder {d} has no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)} directly "
+                f"inside it); {_describe_folder(d)}"
+            )
+        for p in images:
+            m = _CELL_NAME.match(p.stem)
+            files.append((p, d.name, f"{d.name}/{m.group(1)}" if m else f"{d.name}/{p.name}"))
+    rows, skipped = _scan(files, on_bad, f"image folder {root}")
+    abnormal = [c for c in classes if c in set(abnormal_classes)]
+    return _build(rows, classes, abnormal, "folder", root, skipped, "folder")
+
+
+# --------------------------------------------------------------------------- subsampling
+def subsample(dataset: ImageDataset, images_per_class: int | None, seed: int = 42,
+              whole_groups: bool = False) -> ImageDataset:
+    """At most ``images_per_class`` images per class, deterministic for a seed.
+
+    Default: spread over as many cluster groups as possible - groups are visited in a
+    seeded random order and one image is taken from each in turn - because a grouped
+    train/val/test split needs several groups per class, and whole clusters (up to 26
+    cells) would leave a 24-image smoke run with 2-3 groups in a class.  Images keep
+    their ``group``, so splits stay leak-free.  ``whole_groups=True`` instead takes whole
+    clusters (in seeded order, each one that still fits).  A class with fewer images keeps
+    them all; ``None`` returns the dataset unchanged.
+    """
+    if images_per_class is None:
+        return dataset
+    if isinstance(images_per_class, bool) or not isinstance(images_per_class, (int, np.integer)) or images_per_class < 1:
+        raise ValueError(f"parameter 'images_per_class': expected None or a positive integer, got {images_per_class!r}")
+    rng = np.random.default_rng(seed)
+    t = dataset.table
+    keep: list[int] = []
+    for cls in dataset.classes:
+        members = t.index[t["label"] == cls]
+        by_group = {g: list(idx) for g, idx in t.loc[members].groupby("group", sort=True).groups.items()}
+        names = sorted(by_group)
+        order = [names[i] for i in rng.permutation(len(names))]
+        if whole_groups:
+            total = 0
+            for g in order:
+                if total + len(by_group[g]) <= images_per_class:
+                    keep.extend(by_group[g])
+                    total += len(by_group[g])
+        else:
+            queues = [list(rng.permutation(by_group[g])) for g in order]
+            taken, depth = [], 0
+            while len(taken) < images_per_class and any(depth < len(q) for q in queues):
+                for q in queues:
+                    if depth < len(q) and len(taken) < images_per_class:
+                        taken.append(int(q[depth]))
+                depth += 1
+            keep.extend(taken)
+    table = t.loc[sorted(keep)].reset_index(drop=True)
+    empty = [c for c in dataset.classes if c not in set(table["label"])]
+    if empty:
+        raise ValueError(f"subsample(images_per_class={images_per_class}, whole_groups=True): every group of class(es) "
+                         f"{empty} is larger than {images_per_class} images; ask for more images or whole_groups=False")
+    return ImageDataset(table=table, classes=list(dataset.classes), abnormal_classes=list(dataset.abnormal_classes),
+                        source=dataset.source, root=dataset.root, skipped=list(dataset.skipped),
+                        layout=dataset.layout, marker=dataset.marker)
+
+
+# --------------------------------------------------------------------------- the entry point
+def synthetic_root(seed: int = 42, clusters_per_class: int | None = None) -> Path:
+    """Where the synthetic stand-in for ``seed`` lives in the cache; a reduced (smoke) set
+    gets its own folder so it is never mistaken for the full one."""
+    name = f"seed{seed}" if clusters_per_class is None else f"seed{seed}-clusters{clusters_per_class}"
+    return config.cache_dir() / "synthetic_sipakmed" / name
+
+
+def _banner(reason: str) -> None:
+    text = (
+        "SYNTHETIC DATA - " + reason + "\n"
+        "These cells are procedurally drawn stand-ins in the SIPaKMeD layout. Every number and\n"
+        "figure built from them shows the method working, not how it performs on real Pap smears.\n"
+        "Real data: run `make data`, or point data_dir / $CERVICAL_KIT_DATA at a folder with sipakmed/."
+    )
+    bar = "=" * 88
+    print(f"{bar}\n{text}\n{bar}")
+
+
+def _real_data_present(folder: Path) -> bool:
+    """Anything beyond notes in ``<data>/sipakmed`` counts as an attempt at real data (then its
+    errors are shown, never hidden behind a silent switch to synthetic images)."""
+    if not folder.is_dir():
+        return False
+    return any(
+        not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() not in (".md", ".txt", ".csv"))
+        for p in folder.iterdir()
+    )
+
+
+def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_class: int | None = None,
+                       folder_abnormal=None) -> ImageDataset:
+    """The one entry point notebooks use.
+
+    ``source``: ``"auto"`` (real SIPaKMeD under ``config.sipakmed_dir(data_dir)`` when that
+    folder holds anything, else the synthetic stand-in), ``"sipakmed"`` (real or error),
+    ``"synthetic"``, or a path to a dataset (SIPaKMeD layout detected, else folder-per-class
+    with ``folder_abnormal`` naming its abnormal classes; ignored for SIPaKMeD).
+    ``images_per_class``: subsample whole cluster groups per class (see :func:`subsample`);
+    for synthetic data only about that many are generated.  Synthetic data is announced
+    with a printed banner and a ``UserWarning``.
+    """
+    if images_per_class is not None and (isinstance(images_per_class, bool)
+                                         or not isinstance(images_per_class, (int, np.integer)) or images_per_class < 1):
+        raise ValueError(f"parameter 'images_per_class': expected None or a positive integer, got {images_per_class!r}")
+    if source is None:
+        source = "auto"
+    sip_dir = config.sipakmed_dir(data_dir)
+    if isinstance(source, str) and source in ("auto", "sipakmed", "synthetic"):
+        if source == "synthetic" or (source == "auto" and not _real_data_present(sip_dir)):
+            reason = ("requested with source='synthetic'." if source == "synthetic"
+                      else "real SIPaKMeD was not found under the data folder.")
+            return subsample(_load_synthetic(seed, images_per_class, reason, sip_dir), images_per_class, seed)
+        if not sip_dir.is_dir():
+            raise FileNotFoundError(
+                f"source='sipakmed': folder {sip_dir} does not exist; run `make data`, or pass data_dir / set "
+                f"${config.ENV_DATA} to a folder holding sipakmed/"
+            )
+        ds = load_sipakmed(sip_dir)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"parameter 'source': {source!r} is not 'auto', 'sipakmed' or 'synthetic', "
+                f"and no folder {path.resolve()} exists"
+            )
+        try:
+            is_sip = detect_sipakmed_layout(path) is not None
+        except (ValueError, FileNotFoundError):
+            is_sip = True  # let load_sipakmed raise its precise message
+        ds = load_sipakmed(path) if is_sip else load_image_folder(path, abnormal_classes=folder_abnormal or ())
+    if ds.synthetic:  # e.g. the stand-in copied where real data belongs: still say so, loudly
+        _banner(f"the loaded folder carries a {MARKER} marker.")
+        warnings.warn(f"dataset at {ds.root} is SYNTHETIC (marker {ds.marker})", UserWarning, stacklevel=2)
+    return subsample(ds, images_per_class, seed)
+
+
+def _load_synthetic(seed, images_per_class, reason, sip_dir) -> ImageDataset:
+    from . import synthetic  # a colleague's module; imported only when needed
+
+    cpc = None if images_per_class is None else math.ceil(images_per_class / 2) + 2
+    root = synthetic.make_synthetic_sipakmed(synthetic_root(seed, cpc), seed=seed, clusters_per_class=cpc)
+    _banner(reason)
+    warnings.warn(f"using SYNTHETIC SIPaKMeD stand-in at {root} ({reason} Real data is looked for in {sip_dir})",
+                  UserWarning, stacklevel=3)
+    ds = load_sipakmed(root)
+    ds.source = "synthetic"
+    return ds
