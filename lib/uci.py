@@ -15,12 +15,12 @@ cleaned by these rules, in this order.  Every rule is counted and reported by
    ``int64`` and must be 0 or 1 (a ``?`` or a 2 in a target raises ``ValueError``).
 5. **Duplicates.**  Exact duplicate rows (23 in the original) are dropped, keeping
    the first, and counted in :attr:`UciData.duplicates_removed`.
-6. **Constant columns.**  Feature columns with at most one distinct non-missing value
-   are dropped; identified from the data (in the original: ``STDs:cervical
-   condylomatosis`` and ``STDs:AIDS``, all zero).
-7. **Time since diagnosis.**  ``STDs: Time since first diagnosis`` and ``STDs: Time
+6. **Time since diagnosis.**  ``STDs: Time since first diagnosis`` and ``STDs: Time
    since last diagnosis`` are dropped.  They are 91.7% missing, and their missingness
    only encodes "no STD diagnosed", which ``STDs: Number of diagnosis`` already says.
+7. **Constant columns.**  Feature columns with at most one distinct non-missing value
+   are dropped; identified from the data (in the original: ``STDs:cervical
+   condylomatosis`` and ``STDs:AIDS``, all zero).
 
 Leakage: ``Hinselmann``, ``Schiller`` and ``Citology`` (:data:`LEAKY_COLUMNS`) are not
 risk factors but the results of screening tests done at the same visit as the
@@ -221,17 +221,16 @@ def load_uci(path=None) -> UciData:
     frame = frame.loc[~dup].reset_index(drop=True)
 
     dropped: dict[str, str] = {}
+    for col in TIME_SINCE_COLUMNS:
+        dropped[col] = (f"{raw_missing_share[col]:.1%} missing in the raw file; its missingness only encodes "
+                        "'no STD diagnosis', which 'STDs: Number of diagnosis' already carries")
     for col in frame.columns:
-        if col in TARGETS:
+        if col in TARGETS or col in dropped:
             continue
         values = frame[col].dropna().unique()
         if len(values) <= 1:
             shown = "all missing" if len(values) == 0 else f"always {values[0]:g}"
             dropped[col] = f"constant ({shown} after removing duplicates): carries no information"
-    for col in TIME_SINCE_COLUMNS:
-        if col not in dropped:
-            dropped[col] = (f"{raw_missing_share[col]:.1%} missing in the raw file; its missingness only encodes 'no STD diagnosis', "
-                            "which 'STDs: Number of diagnosis' already carries")
     frame = frame.drop(columns=list(dropped))
     return UciData(frame=frame, path=path, raw_shape=raw_shape, dropped_columns=dropped,
                    duplicates_removed=int(dup.sum()), missing_cells=missing_cells,
