@@ -185,13 +185,15 @@ def report_table(reports: dict) -> pd.DataFrame:
 # --------------------------------------------------------------------------- cross-validation
 
 
-def cv_summary(scores_per_fold, test_train_ratio: float | None = 0.25, ci: float = 0.95) -> dict:
+def cv_summary(scores_per_fold, test_train_ratio: float | None = 0.25, ci: float = 0.95,
+               bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict:
     """Mean, std (ddof=1) and a CI of the mean of per-fold scores.
 
     Folds of cross-validation are not independent (they share training rows), so the naive
     ``t * std / sqrt(J)`` interval is too narrow.  With ``test_train_ratio`` (``n_test / n_train``,
     0.25 for 5-fold) the interval uses the Nadeau-Bengio corrected variance
     ``(1/J + n_test/n_train) * std**2``; pass ``None`` for the naive interval.
+    The interval is clipped to ``bounds`` (AUC and AP live in [0, 1]; ``None`` = no clipping).
     NaN folds (a fold with one class) are ignored and counted in ``n_nan``.
     """
     from scipy import stats
@@ -209,7 +211,10 @@ def cv_summary(scores_per_fold, test_train_ratio: float | None = 0.25, ci: float
         half = float(stats.t.ppf(0.5 + ci / 2, j - 1) * math.sqrt(factor) * std)
     else:
         half = float("nan")
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": j, "n_nan": n_nan,
+    lo, hi = mean - half, mean + half
+    if bounds is not None and j > 1:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "std": std, "ci_low": lo, "ci_high": hi, "n": j, "n_nan": n_nan,
             "corrected": test_train_ratio is not None}
 
 
