@@ -73,6 +73,7 @@ class UciData:
     missing_cells: int                        # '?' cells in the raw file
     raw_positives: dict[str, int] = field(default_factory=dict)  # per target, before dedup
     sha256: str = ""
+    raw: pd.DataFrame | None = field(default=None, repr=False)  # validated, before dedup/drops: for missingness maps
 
     @property
     def positives(self) -> dict[str, int]:
@@ -212,6 +213,7 @@ def load_uci(path=None) -> UciData:
     raw = _read_raw(path)
     _check_header(raw, path)
     frame = _parse_values(raw, path)[list(EXPECTED_COLUMNS)]
+    parsed = frame.copy()
     raw_shape = frame.shape
     missing_cells = int(frame.isna().sum().sum())
     raw_positives = {t: int(frame[t].sum()) for t in TARGETS}
@@ -234,7 +236,7 @@ def load_uci(path=None) -> UciData:
     frame = frame.drop(columns=list(dropped))
     return UciData(frame=frame, path=path, raw_shape=raw_shape, dropped_columns=dropped,
                    duplicates_removed=int(dup.sum()), missing_cells=missing_cells,
-                   raw_positives=raw_positives, sha256=_sha256(path))
+                   raw_positives=raw_positives, sha256=_sha256(path), raw=parsed)
 
 
 def feature_columns(data, include_leaky: bool = False, target: str = TARGET) -> list[str]:
