@@ -1,0 +1,446 @@
+"""The image branch: an EfficientNet classifier built flat, two training recipes, evaluation.
+
+Graph (CONTRIBUTING.md, "Image branch model")::
+
+    image (0..255 RGB) -> [aug_rotation, aug_flip, aug_zoom, aug_brightness, aug_contrast]
+      -> backbone layers (flat, preprocessing inside) -> top_activation -> avg_pool -> head_dropout_1
+      -> image_embedding (Dense 512, ReLU) -> head_dropout_2 -> class_probs (softmax, n_classes)
+
+Augmentation layers are inside the model (active in ``fit`` only; see :mod:`lib.input_pipeline`).
+Dropout layers are always present (rate 0 in the naive recipe) so both recipes share one graph.
+
+Recipes (:func:`naive_recipe`, :func:`regularized_recipe`) build and compile a model and say how to
+fit it; :func:`train` fits and returns a plain history dict; :func:`gap` is the train-minus-val
+accuracy; :func:`evaluate` gives the confusion matrix, per-class precision/recall/F1, macro-F1 and
+the binary risk view (abnormal score = sum of the abnormal classes' probabilities).
+
+Nothing here knows SIPaKMeD: the number of classes, their names and the abnormal set come from
+the :class:`lib.image_data.ImageDataset`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .input_pipeline import augmentation_layers
+
+HEAD_LAYERS = ("avg_pool", "head_dropout_1", "image_embedding", "head_dropout_2", "class_probs")
+LEARNING_RATE = 1e-4  # the published recipe's Adam learning rate (regularized recipe)
+NAIVE_LEARNING_RATE = 1e-3  # Keras's Adam default: what a first attempt uses
+UNFREEZE_FROM = "block6a"  # regularized recipe: blocks 6-7 and top_conv fine-tuned, blocks 1-5 frozen
+
+# Naive-recipe settings per profile, used when config.PROFILES has no ``naive_epochs`` /
+# ``naive_train_images``.  Full fine-tuning costs ~4x top-layer training (DESIGN.md 5), so in the full
+# profile the naive run trains on a stratified subset of the training split (documented in notebook 02).
+NAIVE_DEFAULTS = {
+    "smoke": dict(naive_epochs=8, naive_train_images=None),
+    "full": dict(naive_epochs=8, naive_train_images=800),
+}
+
+
+# --------------------------------------------------------------------------- building
+def strategy():
+    """``MirroredStrategy`` when more than one GPU is visible, else TensorFlow's default strategy."""
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def build_image_classifier(n_classes: int, backbone: str = "efficientnet_lite0", image_size: int = 224,
+                           weights="imagenet", dropout: float = 0.3, embedding_dim: int = 512,
+                           augment: bool = True, seed: int = 42, dist=None):
+    """The image branch as one flat functional ``keras.Model`` (not compiled).
+
+    Input ``image``: float RGB 0..255 ``(image_size, image_size, 3)``; output ``class_probs``.
+    ``dist``: a ``tf.distribute`` strategy (default :func:`strategy`).
+    """
+    import keras
+
+    from . import backbones
+
+    if not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
+        raise ValueError(f"parameter 'n_classes': expected an integer >= 2, got {n_classes!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"parameter 'dropout': expected a rate in [0, 1), got {dropout!r}")
+    dist = dist or strategy()
+    with dist.scope():
+        inp = keras.Input(shape=(image_size, image_size, 3), name="image")
+        x = inp
+        if augment:
+            for layer in augmentation_layers(seed):
+                x = layer(x)
+        base = backbones.build_backbone(backbone, image_size, weights=weights, input_tensor=x)
+        top = base.get_layer("top_activation").output
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(top)
+        x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout_1")(x)
+        x = keras.layers.Dense(embedding_dim, activation="relu", name="image_embedding")(x)
+        x = keras.layers.Dropout(dropout, seed=seed + 1, name="head_dropout_2")(x)
+        out = keras.layers.Dense(int(n_classes), activation="softmax", name="class_probs")(x)
+        return keras.Model(inp, out, name=f"image_branch_{backbone}")
+
+
+def embedding_model(model):
+    """``image`` -> ``image_embedding`` (the 512-d vector the fusion notebook concatenates)."""
+    import keras
+
+    return keras.Model(model.get_layer("image").output, model.get_layer("image_embedding").output,
+                       name="image_embedder")
+
+
+def backbone_view(model):
+    """A model sharing the classifier's layers from ``image`` to ``top_activation`` (no copy)."""
+    import keras
+
+    return keras.Model(model.get_layer("image").output, model.get_layer("top_activation").output,
+                       name="backbone_view")
+
+
+def is_batchnorm(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def trainable_summary(model) -> dict:
+    """Counts that show what a recipe trains: layers/params trainable, BatchNorm layers trainable."""
+    import keras
+
+    params = lambda ws: int(sum(np.prod(w.shape) for w in ws))  # noqa: E731
+    weighted = [layer for layer in model.layers if layer.weights]
+    return {
+        "layers_with_weights": len(weighted),
+        "trainable_layers": sum(1 for layer in weighted if layer.trainable),
+        "trainable_params": params(model.trainable_weights),
+        "frozen_params": params(model.non_trainable_weights),
+        "batchnorm_layers": sum(1 for layer in weighted if is_batchnorm(layer)),
+        "batchnorm_trainable": sum(1 for layer in weighted if is_batchnorm(layer) and layer.trainable),
+        "first_trainable_backbone_layer": next(
+            (layer.name for layer in weighted if layer.trainable and layer.name not in HEAD_LAYERS
+             and not isinstance(layer, keras.layers.Dense)), None),
+    }
+
+
+# --------------------------------------------------------------------------- recipes
+@dataclass
+class Recipe:
+    """A compiled model plus how to fit it.  ``fit_kwargs`` go to :func:`train`."""
+
+    name: str
+    model: object
+    callbacks: list = field(default_factory=list)
+    class_weight: dict | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def fit_kwargs(self) -> dict:
+        return {"callbacks": list(self.callbacks), "class_weight": self.class_weight}
+
+
+def _compile(model, lr: float, dist=None) -> None:
+    import keras
+
+    with (dist or strategy()).scope():
+        # jit_compile=False: Keras's "auto" turns XLA on for CPU models without augmentation layers,
+        # and compiling a whole EfficientNet train step with XLA takes minutes on 2 cores
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+
+
+def class_weights(labels, n_classes: int, imbalance_threshold: float = 1.2) -> dict | None:
+    """Balanced class weights ``n / (k * n_c)`` when the largest class exceeds the smallest by more than
+    ``imbalance_threshold`` (ratio of counts), else ``None`` (balanced enough: no reweighting)."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=n_classes).astype(float)
+    if (counts == 0).any():
+        missing = [i for i in range(n_classes) if counts[i] == 0]
+        raise ValueError(f"training labels: class index(es) {missing} have no training images")
+    if counts.max() / counts.min() <= imbalance_threshold:
+        return None
+    w = counts.sum() / (n_classes * counts)
+    return {i: float(w[i]) for i in range(n_classes)}
+
+
+def naive_recipe(n_classes: int, backbone: str = "efficientnet_lite0", image_size: int = 224, weights="imagenet",
+                 seed: int = 42, lr: float = NAIVE_LEARNING_RATE) -> Recipe:
+    """What a first attempt looks like: Keras defaults (Adam at its default learning rate 1e-3), no
+    augmentation, no dropout, every layer trainable (BatchNorm included, updating its statistics on
+    small batches), no early stopping, no class weights."""
+    dist = strategy()
+    model = build_image_classifier(n_classes, backbone, image_size, weights, dropout=0.0, augment=False,
+                                   seed=seed, dist=dist)
+    for layer in model.layers:  # per layer: model.trainable=True is a no-op when already True
+        layer.trainable = True
+    _compile(model, lr, dist)
+    return Recipe("naive", model, callbacks=[], class_weight=None, settings=dict(
+        augmentation=False, dropout=0.0, trainable="all layers (BatchNorm too)", early_stopping=False,
+        class_weight=None, optimizer=f"Adam lr={lr:g}", loss="sparse categorical cross-entropy"))
+
+
+def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", image_size: int = 224,
+                       weights="imagenet", seed: int = 42, train_labels=None, dropout: float = 0.3,
+                       lr: float = LEARNING_RATE, patience: int = 3, unfreeze_from: str = UNFREEZE_FROM) -> Recipe:
+    """The published recipe: augmentation, dropout ``dropout`` (0.2-0.3), lower blocks frozen and the top
+    blocks fine-tuned with BatchNorm frozen (:func:`lib.backbones.unfreeze_top` from ``unfreeze_from``, a
+    block prefix such as ``"block6a"`` or a layer name), Adam ``lr``, EarlyStopping on ``val_accuracy``
+    restoring the best weights, and balanced class weights when ``train_labels`` are unbalanced
+    (:func:`class_weights`)."""
+    import keras
+
+    from . import backbones
+
+    dist = strategy()
+    model = build_image_classifier(n_classes, backbone, image_size, weights, dropout=dropout, augment=True,
+                                   seed=seed, dist=dist)
+    view = backbone_view(model)
+    names = backbones.backbone_layer_names(view)
+    start = unfreeze_from if unfreeze_from in names else next(
+        (n for n in backbones.block_start_layers(view) if n.startswith(f"{unfreeze_from}_")), None)
+    if start is None:
+        raise ValueError(f"parameter 'unfreeze_from': {unfreeze_from!r} is neither a layer nor a block of {backbone} "
+                         f"(blocks start at {backbones.block_start_layers(view)})")
+    backbones.unfreeze_top(view, from_layer_name=start)
+    for name in HEAD_LAYERS:
+        model.get_layer(name).trainable = True
+    for layer in model.layers:  # whatever unfreeze_top did: BatchNorm stays frozen (inference mode)
+        if is_batchnorm(layer):
+            layer.trainable = False
+    _compile(model, lr, dist)
+    cw = class_weights(train_labels, n_classes) if train_labels is not None else None
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience,
+                                         restore_best_weights=True)
+    summary = trainable_summary(model)
+    return Recipe("regularized", model, callbacks=[stop], class_weight=cw, settings=dict(
+        augmentation=True, dropout=float(dropout),
+        trainable=f"top of the backbone from {summary['first_trainable_backbone_layer']} + head, BatchNorm frozen",
+        early_stopping=f"val_accuracy, patience {patience}, restore best weights",
+        class_weight=cw, optimizer=f"Adam lr={lr:g}", loss="sparse categorical cross-entropy"))
+
+
+def naive_settings(params: dict) -> dict:
+    """``naive_epochs`` and ``naive_train_images`` from run params, else :data:`NAIVE_DEFAULTS`."""
+    defaults = NAIVE_DEFAULTS.get(params.get("profile"), NAIVE_DEFAULTS["full"])
+    return {k: params[k] if params.get(k) is not None else v for k, v in defaults.items()}
+
+
+def stratified_subset(table, n: int | None, seed: int = 42):
+    """At most ``n`` rows of ``table``, proportionally per ``label`` (seeded); all rows when ``n`` is None."""
+    if n is None or n >= len(table):
+        return table
+    frac = n / len(table)
+    parts = [g.sample(n=max(1, int(round(len(g) * frac))), random_state=seed) for _, g in table.groupby("label", sort=True)]
+    import pandas as pd
+
+    return pd.concat(parts).sort_index()
+
+
+# --------------------------------------------------------------------------- training
+def _epoch_logger_class():
+    import keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        """One line per epoch on stdout, metrics only (no timings: stable text for notebooks)."""
+
+        def __init__(self, epochs: int, stream=None):
+            super().__init__()
+            self.epochs, self.stream = epochs, stream
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in logs]
+            text = "  ".join(f"{k} {float(logs[k]):.3f}" for k in keys)
+            print(f"epoch {epoch + 1:>2}/{self.epochs}  {text}", file=self.stream or sys.stdout, flush=True)
+
+    return EpochLogger
+
+
+def train(model, train_ds, val_ds, epochs: int, callbacks=None, class_weight=None, log: bool = True,
+          n_train: int | None = None) -> dict:
+    """``model.fit`` (``verbose=0``; one line per epoch when ``log``) -> a JSON-ready history dict.
+
+    Keys: the per-epoch lists Keras records (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``),
+    ``epochs_run``, ``best_epoch`` (1-based epoch of the best ``val_accuracy``), ``restored_best``
+    (True when EarlyStopping put the best epoch's weights back, so the model *is* that epoch),
+    ``fit_seconds`` and, with ``n_train``, ``train_images_per_s``.
+    """
+    import keras
+
+    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
+    cbs = list(callbacks or [])
+    if log:
+        cbs.append(_epoch_logger_class()(int(epochs)))
+    t0 = time.perf_counter()
+    h = model.fit(train_ds, validation_data=val_ds, epochs=int(epochs), callbacks=cbs,
+                  class_weight=class_weight, shuffle=False, verbose=0)  # training datasets shuffle themselves
+    seconds = time.perf_counter() - t0
+    hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    n_run = len(hist.get("loss", []))
+    val = hist.get("val_accuracy")
+    restored = any(isinstance(c, keras.callbacks.EarlyStopping) and c.restore_best_weights
+                   and c.best_weights is not None for c in cbs)
+    hist.update(epochs_run=n_run, best_epoch=int(np.argmax(val)) + 1 if val else n_run,
+                restored_best=bool(restored), fit_seconds=round(seconds, 2))
+    if n_train:
+        hist["train_images_per_s"] = round(n_train * n_run / seconds, 1)
+    return hist
+
+
+def gap(history: dict, epoch: int | None = None) -> float:
+    """Train accuracy minus validation accuracy at ``epoch`` (1-based).
+
+    Default: the epoch whose weights the model holds - the best epoch when EarlyStopping restored it
+    (``restored_best``), else the last.  Train accuracy is Keras's running value during the epoch, in
+    training mode (augmentation and dropout active when the recipe has them).
+    """
+    if "accuracy" not in history or "val_accuracy" not in history:
+        raise ValueError("history: expected 'accuracy' and 'val_accuracy' lists (fit with validation data)")
+    if epoch is None:
+        epoch = history["best_epoch"] if history.get("restored_best") else len(history["accuracy"])
+    i = int(epoch) - 1
+    return float(history["accuracy"][i] - history["val_accuracy"][i])
+
+
+def headline_accuracies(history: dict) -> dict:
+    """``train_acc``, ``val_acc``, ``gap`` and the epoch they are read at (see :func:`gap`)."""
+    epoch = history["best_epoch"] if history.get("restored_best") else len(history["accuracy"])
+    return dict(train_acc=history["accuracy"][epoch - 1], val_acc=history["val_accuracy"][epoch - 1],
+                gap=gap(history, epoch), epoch=epoch, best_val_acc=max(history["val_accuracy"]))
+
+
+# --------------------------------------------------------------------------- evaluation
+def predict_probs(model, ds) -> np.ndarray:
+    return np.asarray(model.predict(ds, verbose=0))
+
+
+def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, seed: int = 42) -> dict:
+    """Multi-class and binary-risk evaluation of ``model`` on ``ds`` (built from ``table`` unshuffled).
+
+    Returns ``n``, ``accuracy``, ``macro_f1``, ``confusion_matrix`` (rows true, columns predicted, in
+    ``classes`` order), ``per_class`` (sklearn ``classification_report`` dict), ``abnormal_classes``,
+    ``binary`` (:func:`lib.metrics.binary_report` of abnormal score vs abnormal truth, or ``None`` when
+    the set has only one of the two), and arrays ``y_true``, ``probs``, ``abnormal_score``,
+    ``y_abnormal`` (not JSON: see :func:`evaluation_summary`).
+    """
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    from . import metrics
+
+    classes = list(classes)
+    unknown = [c for c in abnormal_classes if c not in classes]
+    if unknown:
+        raise ValueError(f"parameter 'abnormal_classes': {unknown} not among the classes {classes}")
+    probs = predict_probs(model, ds)
+    if probs.shape != (len(table), len(classes)):
+        raise ValueError(f"predictions have shape {probs.shape}, expected ({len(table)}, {len(classes)}): "
+                         "build the dataset from this table with training=False")
+    y = table["label_idx"].to_numpy().astype(int)
+    pred = probs.argmax(axis=1)
+    labels = list(range(len(classes)))
+    abn_idx = [classes.index(c) for c in abnormal_classes]
+    score = probs[:, abn_idx].sum(axis=1) if abn_idx else np.zeros(len(y))
+    y_abn = np.isin(y, abn_idx)
+    binary = None
+    if abn_idx and 0 < y_abn.sum() < len(y_abn):
+        binary = metrics.binary_report(y_abn, score, n_boot=n_boot, seed=seed)
+    return {
+        "n": int(len(y)),
+        "classes": classes,
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "per_class": classification_report(y, pred, labels=labels, target_names=classes, output_dict=True,
+                                           zero_division=0),
+        "abnormal_classes": list(abnormal_classes),
+        "binary": binary,
+        "y_true": y, "probs": probs, "abnormal_score": score, "y_abnormal": y_abn,
+    }
+
+
+def evaluation_summary(ev: dict) -> dict:
+    """``evaluate``'s result without the per-image arrays (for metrics JSON)."""
+    return {k: v for k, v in ev.items() if not isinstance(v, np.ndarray)}
+
+
+def per_class_table(ev: dict):
+    """Per-class precision / recall / F1 / support as a DataFrame (rows: classes, then macro/weighted avg)."""
+    import pandas as pd
+
+    rep = ev["per_class"]
+    rows = {k: v for k, v in rep.items() if isinstance(v, dict)}
+    df = pd.DataFrame(rows).T[["precision", "recall", "f1-score", "support"]]
+    df["support"] = df["support"].astype(int)
+    return df.round(3)
+
+
+# --------------------------------------------------------------------------- figures (returned, not saved)
+def plot_learning_curves(histories: dict, title: str | None = None):
+    """Accuracy and loss per epoch for ``{run name: history}``; train solid, validation dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, h) in enumerate(histories.items()):
+        color = f"C{i}"
+        ep = np.arange(1, len(h["accuracy"]) + 1)
+        ax_acc.plot(ep, h["accuracy"], "-o", ms=3, color=color, label=f"{name}: train")
+        ax_acc.plot(ep, h["val_accuracy"], "--o", ms=3, color=color, label=f"{name}: validation")
+        ax_loss.plot(ep, h["loss"], "-o", ms=3, color=color, label=f"{name}: train")
+        ax_loss.plot(ep, h["val_loss"], "--o", ms=3, color=color, label=f"{name}: validation")
+        if h.get("restored_best"):
+            ax_acc.axvline(h["best_epoch"], color=color, lw=0.8, ls=":", label=f"{name}: restored epoch")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
+    ax_acc.legend(fontsize=8, loc="lower right")
+    ax_loss.legend(fontsize=8, loc="upper right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(cm, classes, title: str | None = None):
+    """Counts with row percentages (recall per true class); rows true, columns predicted."""
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    pct = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.3 * n + 2.5, 1.1 * n + 2))
+    ax.imshow(pct, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{cm[i, j]}\n{pct[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if pct[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), classes, rotation=35, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix (count, % of true class)")
+    ax.grid(False)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- saving
+def save_model(model, path) -> Path:
+    """Save as ``.keras`` atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"model path {str(path)!r}: expected a '.keras' file")
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return path
+
+
+def load_model(path):
+    """Load a saved image branch (augmentation layers included; inactive at inference)."""
+    import keras
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image branch model {str(path)!r} not found: run notebooks/03_image_branch.ipynb")
+    return keras.saving.load_model(path)

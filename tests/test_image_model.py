@@ -1,0 +1,128 @@
+"""lib.image_model: flat graph with the contract's layer names, recipes, a tiny end-to-end train."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lib import image_model as im
+
+SIZE = 32  # smallest size the backbones accept: keeps these tests to seconds
+
+
+def test_class_weights_only_when_unbalanced():
+    assert im.class_weights([0, 1, 2] * 10, 3) is None
+    w = im.class_weights([0] * 30 + [1] * 10 + [2] * 10, 3)
+    assert w[1] == pytest.approx(3 * w[0]) and w[1] == w[2]
+    with pytest.raises(ValueError, match="no training images"):
+        im.class_weights([0, 0, 1], 3)
+
+
+def test_gap_uses_restored_epoch_or_last():
+    h = {"accuracy": [0.5, 0.8, 1.0], "val_accuracy": [0.4, 0.7, 0.6], "best_epoch": 2, "restored_best": False}
+    assert im.gap(h) == pytest.approx(0.4)
+    assert im.gap(dict(h, restored_best=True)) == pytest.approx(0.1)
+    assert im.headline_accuracies(h)["val_acc"] == 0.6
+
+
+def test_naive_settings_fall_back_to_module_defaults():
+    assert im.naive_settings({"profile": "smoke"}) == im.NAIVE_DEFAULTS["smoke"]
+    assert im.naive_settings({"profile": "full", "naive_epochs": 3})["naive_epochs"] == 3
+
+
+@pytest.fixture(scope="module")
+def three_class(tmp_path_factory):
+    """A folder-per-class dataset with 3 classes (nothing may assume SIPaKMeD's 5)."""
+    from lib import image_data
+
+    root = tmp_path_factory.mktemp("three")
+    rng = np.random.default_rng(0)
+    colours = {"alpha": (200, 60, 60), "beta": (60, 200, 60), "gamma": (60, 60, 200)}
+    for cls, rgb in colours.items():
+        for i in range(7):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            p = root / cls / f"{i:03d}_01.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+    return image_data.load_image_folder(root, abnormal_classes=["gamma"])
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return im.build_image_classifier(4, "efficientnet_lite0", SIZE, weights=None, seed=1)
+
+
+@pytest.mark.slow
+def test_classifier_is_flat_with_contract_layer_names(classifier):
+    import keras
+
+    names = [layer.name for layer in classifier.layers]
+    assert names[0] == "image"
+    assert names[1:6] == ["aug_rotation", "aug_flip", "aug_zoom", "aug_brightness", "aug_contrast"]
+    assert names[-5:] == ["avg_pool", "head_dropout_1", "image_embedding", "head_dropout_2", "class_probs"]
+    assert names[-6] == "top_activation"
+    assert not any(isinstance(layer, keras.Model) for layer in classifier.layers), "backbone must not be nested"
+    assert classifier.get_layer("top_activation").output.shape[-1] == 1280
+    assert classifier.output.shape == (None, 4)
+    emb = im.embedding_model(classifier)
+    assert emb.output.shape == (None, 512)
+    out = emb.predict(np.zeros((2, SIZE, SIZE, 3), "float32"), verbose=0)
+    assert out.shape == (2, 512)
+
+
+@pytest.mark.slow
+def test_regularized_recipe_freezes_lower_blocks_and_all_batchnorm():
+    r = im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights=None, train_labels=[0] * 9 + [1] * 3 + [2] * 3)
+    m = r.model
+    bns = [layer for layer in m.layers if im.is_batchnorm(layer)]
+    assert bns and not any(layer.trainable for layer in bns)
+    assert not m.get_layer("stem_conv").trainable and not m.get_layer("block5a_expand_conv").trainable
+    assert m.get_layer("block6a_expand_conv").trainable and m.get_layer("top_conv").trainable
+    assert all(m.get_layer(n).trainable for n in ("image_embedding", "class_probs"))
+    assert r.class_weight is not None and r.class_weight[1] > r.class_weight[0]
+    assert any(type(c).__name__ == "EarlyStopping" and c.monitor == "val_accuracy" for c in r.callbacks)
+    assert m.get_layer("head_dropout_1").rate == pytest.approx(0.3)
+    s = im.trainable_summary(m)
+    assert s["batchnorm_trainable"] == 0 and 0 < s["trainable_layers"] < s["layers_with_weights"]
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_three_classes(three_class, tmp_path):
+    from lib import input_pipeline as ip
+
+    ds = three_class
+    assert ds.classes == ["alpha", "beta", "gamma"] and len(ds.table) == 21
+    t = ds.table.reset_index(drop=True)
+    train_t, val_t = t.iloc[[i for i in range(21) if i % 7 < 5]], t.iloc[[i for i in range(21) if i % 7 >= 5]]
+    naive = im.naive_recipe(len(ds.classes), "efficientnet_lite0", SIZE, weights=None)
+    assert not any(layer.name.startswith("aug_") for layer in naive.model.layers)
+    assert all(layer.trainable for layer in naive.model.layers if layer.weights)
+    assert naive.model.get_layer("head_dropout_1").rate == 0 and not naive.callbacks
+    # train the regularized recipe: tracing a whole-network train step costs minutes on a busy 2-core box
+    r = im.regularized_recipe(len(ds.classes), "efficientnet_lite0", SIZE, weights=None,
+                              train_labels=train_t.label_idx)
+    tr = ip.make_dataset(train_t, SIZE, 8, training=True)
+    va = ip.make_dataset(val_t, SIZE, 8)
+    h = im.train(r.model, tr, va, 1, log=False, n_train=len(train_t), **r.fit_kwargs)
+    assert h["epochs_run"] == 1 and len(h["val_accuracy"]) == 1 and h["train_images_per_s"] > 0
+    ev = im.evaluate(r.model, va, val_t, ds.classes, ds.abnormal_classes, n_boot=10)
+    assert np.asarray(ev["confusion_matrix"]).shape == (3, 3) and ev["n"] == len(val_t)
+    assert ev["probs"].shape == (len(val_t), 3)
+    assert np.allclose(ev["abnormal_score"], ev["probs"][:, 2])
+    assert ev["binary"] is not None and 0.0 <= ev["binary"]["auc"]["value"] <= 1.0
+    table = im.per_class_table(ev)
+    assert list(table.index[:3]) == ds.classes and "f1-score" in table.columns
+    path = im.save_model(r.model, tmp_path / "image_branch.keras")
+    again = im.load_model(path)
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    assert np.allclose(again.predict(x, verbose=0), r.model.predict(x, verbose=0), atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == ["image_branch.keras"]
+
+
+def test_strategy_is_default_without_several_gpus():
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        pytest.skip("several GPUs visible")
+    assert im.strategy() is tf.distribute.get_strategy()
