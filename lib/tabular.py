@@ -59,13 +59,13 @@ INPUT_LAYER, EMBEDDING_LAYER, OUTPUT_LAYER = "tabular", "tabular_embedding", "ri
 def make_preprocessor(columns, indicator_columns=MISSING_INDICATOR_COLUMNS):
     """Unfitted ``Pipeline``: [median imputation | missing indicators] -> ``StandardScaler``.
 
-    Output order: the ``columns`` (imputed), then one ``missing_<col>`` indicator for each of
+    Output order: the ``columns`` (imputed), then one ``missingindicator_<col>`` 0/1 column for each of
     ``indicator_columns`` present in ``columns``; everything standardised.  Takes a DataFrame.
     """
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import MissingIndicator, SimpleImputer
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+    from sklearn.preprocessing import StandardScaler
 
     columns = list(columns)
     if not columns:
@@ -73,17 +73,9 @@ def make_preprocessor(columns, indicator_columns=MISSING_INDICATOR_COLUMNS):
     indicators = [c for c in (indicator_columns or ()) if c in columns]
     parts = [("impute", SimpleImputer(strategy="median", keep_empty_features=True), columns)]
     if indicators:
-        parts.append(("missing", Pipeline([
-            ("flag", MissingIndicator(features="all")),
-            ("as_float", FunctionTransformer(np.asarray, kw_args={"dtype": "float64"},
-                                             feature_names_out=_indicator_names)),
-        ]), indicators))
+        parts.append(("missing", MissingIndicator(features="all"), indicators))
     union = ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=False)
     return Pipeline([("impute", union), ("scale", StandardScaler())])
-
-
-def _indicator_names(transformer, names):
-    return [f"missing_{str(n).removeprefix('missingindicator_')}" for n in names]
 
 
 class TabularPreprocessor:
@@ -112,7 +104,7 @@ class TabularPreprocessor:
 
     @property
     def feature_names_out(self) -> list[str]:
-        return self.columns + [f"missing_{c}" for c in self.indicator_columns]
+        return self.columns + [f"missingindicator_{c}" for c in self.indicator_columns]
 
     @property
     def n_features_out(self) -> int:
@@ -173,7 +165,7 @@ class TabularPreprocessor:
         stats = np.where(np.isnan(stats), 0.0, stats)  # keep_empty_features: an all-NaN column is filled with 0
         indicators = []
         if "missing" in union.named_transformers_:
-            indicators = list(union.named_transformers_["missing"].named_steps["flag"].feature_names_in_)
+            indicators = list(union.named_transformers_["missing"].feature_names_in_)
         return cls(columns, stats, indicators, scaler.mean_, scaler.scale_, metadata)
 
 
@@ -461,6 +453,10 @@ def cross_validate(data, model="mlp", include_leaky: bool = False, n_splits: int
     """
     from tqdm import tqdm
 
+    for name, value, low in (("n_splits", n_splits, 2), ("n_repeats", n_repeats, 1), ("epochs", epochs, 1),
+                             ("batch_size", batch_size, 1), ("patience", patience, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"parameter {name!r}: expected an integer >= {low}, got {value!r}")
     models = [model] if isinstance(model, str) else list(model)
     for m in models:
         if m not in MODELS:
@@ -470,7 +466,7 @@ def cross_validate(data, model="mlp", include_leaky: bool = False, n_splits: int
     y = frame[target].to_numpy().astype(int)
     splits = cv_splits(y, n_splits, n_repeats, seed)
     rows, oof = [], []
-    bar = tqdm(total=len(splits) * len(models), disable=not progress, mininterval=2.0,
+    bar = tqdm(total=len(splits) * len(models), disable=not progress, mininterval=5.0,
                desc=f"CV {'+'.join(models)}{' (leaky)' if include_leaky else ''}")
     trainer = None
     for repeat, fold, tr, te in splits:
@@ -538,6 +534,40 @@ def fit_final(data, epochs: int, profile: str = "smoke", seed: int = 42, batch_s
 
 
 # --------------------------------------------------------------------------- tables and figures
+
+
+def missingness_table(data, columns=MISSING_INDICATOR_COLUMNS, target: str = TARGET) -> pd.DataFrame:
+    """Why the indicators: per column, how many answers are missing and the ``target`` rate
+    among women who declined vs answered."""
+    frame = data.frame if isinstance(data, UciData) else data
+    rows = []
+    for c in columns:
+        if c not in frame.columns:
+            continue
+        miss = frame[c].isna()
+        rows.append(dict(column=c, n_missing=int(miss.sum()), share_missing=float(miss.mean()),
+                         rate_if_missing=float(frame.loc[miss, target].mean()) if miss.any() else float("nan"),
+                         rate_if_answered=float(frame.loc[~miss, target].mean())))
+    return pd.DataFrame(rows).set_index("column")
+
+
+def paired_delta(base: CVResult, other: CVResult, metric: str = "auc") -> pd.DataFrame:
+    """``other - base`` per model on the folds both ran (matched by repeat, fold and test rows).
+
+    Columns: base, other (means over the shared folds), delta_mean, delta_min, folds, same_folds
+    (True when every matched fold has the same test rows in both runs).
+    """
+    keys = ["model", "repeat", "fold"]
+    m = base.folds[keys + [metric, "test_fingerprint"]].merge(
+        other.folds[keys + [metric, "test_fingerprint"]], on=keys, suffixes=("_base", "_other"))
+    if m.empty:
+        raise ValueError("paired_delta: the two results share no (model, repeat, fold)")
+    m["delta"] = m[f"{metric}_other"] - m[f"{metric}_base"]
+    m["same"] = m["test_fingerprint_base"] == m["test_fingerprint_other"]
+    g = m.groupby("model", sort=False)
+    return pd.DataFrame({"base": g[f"{metric}_base"].mean(), "other": g[f"{metric}_other"].mean(),
+                         "delta_mean": g["delta"].mean(), "delta_min": g["delta"].min(),
+                         "folds": g.size(), "same_folds": g["same"].all()})
 
 
 def summary_table(results: dict) -> pd.DataFrame:

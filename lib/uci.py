@@ -106,7 +106,7 @@ class UciData:
     def summary_text(self) -> str:
         s = self.summary()
         lines = [
-            f"UCI cervical cancer risk factors: {s['path']}",
+            f"UCI cervical cancer risk factors: {self.path.name}",
             f"  sha256 {s['sha256'][:12]}... "
             + ("(byte-identical to the UCI original)" if s["matches_uci_original"] else "(differs from the UCI original)"),
             f"  raw: {s['raw_rows']} rows x {s['raw_columns']} columns, {s['missing_cells_raw']} missing cells ('?')",

@@ -49,8 +49,8 @@ def test_preprocessor_is_fitted_on_training_rows_only():
     train, test = f.iloc[:80], f.iloc[80:]
     pipe = tabular.make_preprocessor(FEATURES).fit(train[FEATURES])
     names = list(pipe.get_feature_names_out())
-    assert names == FEATURES + ["missing_Num of pregnancies", "missing_Smokes", "missing_Hormonal Contraceptives",
-                                "missing_STDs"]
+    assert names == FEATURES + [f"missingindicator_{c}" for c in
+                                ("Num of pregnancies", "Smokes", "Hormonal Contraceptives", "STDs")]
     imputer = pipe.named_steps["impute"].named_transformers_["impute"]
     np.testing.assert_array_equal(imputer.statistics_, train[FEATURES].median().to_numpy())
     assert not np.allclose(imputer.statistics_, f[FEATURES].median().to_numpy())
@@ -243,3 +243,32 @@ def test_fit_final_saves_model_and_json_that_reload(tmp_path):
     x = pre.transform(f).astype("float32")
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), final.model.predict(x, verbose=0), rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tabular_mlp.keras", "tabular_preprocessor.json"]
+
+
+def test_missingness_table_by_hand():
+    f = pd.DataFrame({"Smokes": [np.nan, np.nan, 1.0, 0.0, 0.0], "STDs": [0.0] * 5, "Biopsy": [1, 0, 1, 0, 0]})
+    t = tabular.missingness_table(f)
+    assert list(t.index) == ["Smokes", "STDs"]
+    assert t.loc["Smokes", "n_missing"] == 2 and t.loc["Smokes", "share_missing"] == pytest.approx(0.4)
+    assert t.loc["Smokes", "rate_if_missing"] == pytest.approx(0.5)
+    assert t.loc["Smokes", "rate_if_answered"] == pytest.approx(1 / 3)
+    assert np.isnan(t.loc["STDs", "rate_if_missing"])
+
+
+def test_paired_delta_matches_folds():
+    f = toy_frame(n=150)
+    base = tabular.cross_validate(f, "logreg", n_splits=3, n_repeats=2, seed=5, progress=False)
+    other = tabular.cross_validate(f, "logreg", include_leaky=True, n_splits=3, n_repeats=1, seed=5, progress=False)
+    d = tabular.paired_delta(base, other)
+    first = base.folds.query("repeat == 0")
+    assert d.loc["logreg", "folds"] == 3 and bool(d.loc["logreg", "same_folds"])
+    assert d.loc["logreg", "base"] == pytest.approx(first["auc"].mean())
+    assert d.loc["logreg", "delta_mean"] == pytest.approx(other.folds["auc"].mean() - first["auc"].mean())
+    shifted = tabular.cross_validate(f, "logreg", n_splits=3, n_repeats=1, seed=6, progress=False)
+    assert not bool(tabular.paired_delta(base, shifted).loc["logreg", "same_folds"])
+
+
+@pytest.mark.parametrize("kw", [{"n_repeats": 0}, {"epochs": None}, {"n_splits": 1}, {"batch_size": 2.5}])
+def test_cross_validate_validates_parameters(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        tabular.cross_validate(toy_frame(), "logreg", progress=False, **kw)
