@@ -49,6 +49,10 @@ from .atomic import atomic_path
 DEFAULT_LAYER = "top_activation"
 DEFAULT_RANDOMIZE_FROM = "top_conv"
 METHODS = ("gradcam", "gradcam++")
+NOISE_FLOOR = 1e-6
+"""Raw Grad-CAM values at or below this (in units of the target logit) are set to 0 before the maps are
+scaled to [0, 1]: a map of float32 round-off (e.g. a fully randomised network whose activations vanish)
+is shown as blank instead of being min-max stretched into a pattern."""
 _EPS = 1e-7
 
 
@@ -186,6 +190,23 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
+def predict(model, images=None, inputs=None, batch_size: int = 32) -> np.ndarray:
+    """The model's outputs for ``images`` (or ``inputs`` as in :func:`gradcam_tape`), in eager batches.
+
+    Same numbers as ``model.predict``, but without its ``tf.data`` machinery, which on TF 2.21 logs a
+    timestamped ``node_def_util ... use_unbounded_threadpool`` line to stderr (noise that breaks nbval).
+    Multi-input models are called with a dict by input name (no structure warning).
+    """
+    feed, _ = _as_inputs(model, images, inputs)
+    names = _input_names(model)
+    n = feed[names[0]].shape[0]
+    out = []
+    for sl in _batches(n, int(batch_size)):
+        x = {k: feed[k][sl] for k in names} if len(names) > 1 else feed[names[0]][sl]
+        out.append(np.asarray(model(x, training=False)))
+    return np.concatenate(out)
+
+
 # --------------------------------------------------------------------------- map post-processing
 def normalize_maps(cams) -> np.ndarray:
     """Min-max normalise each map of ``(n, h, w)`` to [0, 1] (an all-constant map becomes zeros)."""
@@ -215,7 +236,7 @@ def resize_maps(cams, size) -> np.ndarray:
 
 # --------------------------------------------------------------------------- Grad-CAM, plain tape
 def gradcam_tape(model, images, target=None, layer_name: str = DEFAULT_LAYER, inputs=None,
-                 batch_size: int = 32, resize: bool = True, return_targets: bool = False):
+                 batch_size: int = 32, resize: bool = True, return_targets: bool = False, normalize: bool = True):
     """Grad-CAM with a plain ``tf.GradientTape``: ``(n, H, W)`` float32 maps in [0, 1].
 
     ``images``: ``(n, H, W, 3)`` (or one ``(H, W, 3)``) float RGB in 0..255, what the model takes.
@@ -236,15 +257,17 @@ def gradcam_tape(model, images, target=None, layer_name: str = DEFAULT_LAYER, in
     out_layer = _output_layer(model)
     dense_logit = isinstance(out_layer, keras.layers.Dense) and _activation_name(out_layer) in ("softmax", "sigmoid")
     head_in = out_layer.input if dense_logit else model.outputs[0]
-    grad_model = keras.Model(model.inputs, [conv_layer.output, head_in, model.outputs[0]])
     names = _input_names(model)
+    multi = len(names) > 1
+    grad_model = keras.Model({t.name: t for t in model.inputs} if multi else model.inputs[0],
+                             [conv_layer.output, head_in, model.outputs[0]])
     n = next(iter(feed.values())).shape[0]
     maps, targets = [], []
     for sl in _batches(n, int(batch_size)):
-        xs = [tf.convert_to_tensor(feed[name][sl]) for name in names]
+        xs = {name: tf.convert_to_tensor(feed[name][sl]) for name in names}
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(xs)
-            conv, h, probs = grad_model(xs if len(xs) > 1 else xs[0], training=False)
+            tape.watch(list(xs.values()))
+            conv, h, probs = grad_model(xs if multi else xs[names[0]], training=False)
             if dense_logit:
                 score = tf.matmul(h, tf.convert_to_tensor(out_layer.kernel))
                 if out_layer.use_bias:
@@ -265,6 +288,9 @@ def gradcam_tape(model, images, target=None, layer_name: str = DEFAULT_LAYER, in
         maps.append(cam)
         targets.append(t)
     cams = np.concatenate(maps)
+    if not normalize:  # raw ReLU(sum_k alpha_k A_k) at the feature-map resolution (magnitudes comparable)
+        return (cams, np.concatenate(targets)) if return_targets else cams
+    cams = np.where(cams > NOISE_FLOOR, cams, 0.0).astype(np.float32)
     cams = resize_maps(cams, feed[img_name].shape[1:3]) if resize else normalize_maps(cams)
     return (cams, np.concatenate(targets)) if return_targets else cams
 
@@ -300,8 +326,7 @@ def gradcam_tfkv(model, images, target=None, method: str = "gradcam", inputs=Non
                          "('sequence argument must have length equal to input rank'); use None or False")
     n = feed[img_name].shape[0]
     if target is None and not _is_binary(model):
-        target = np.asarray(model.predict([feed[k] for k in names] if multi else feed[names[0]],
-                                          verbose=0, batch_size=batch_size)).argmax(axis=1)
+        target = predict(model, inputs=feed, batch_size=batch_size).argmax(axis=1)
     t = _targets(model, target, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -372,6 +397,16 @@ def _fresh_value(layer, var, seed: int):
     return np.asarray(init(tuple(var.shape), dtype=var.dtype))
 
 
+def _randomize_layer(layer, seed: int) -> None:
+    """Re-initialise every weight of ``layer`` in place; the seed of each weight is derived from ``seed``,
+    the layer's name and the weight's position, so the same layer gets the same values whichever way
+    (one step or a cascade) it is reached."""
+    import zlib
+
+    for j, var in enumerate(layer.weights):
+        var.assign(_fresh_value(layer, var, (int(seed) + zlib.crc32(f"{layer.name}/{j}".encode())) % (2 ** 31)))
+
+
 def top_weighted_layers(model, n_layers: int | None = None, from_layer: str | None = None) -> list[str]:
     """Names of the layers :func:`randomize_top_layers` would re-initialise (in graph order)."""
     weighted = [layer for layer in model.layers if layer.weights]
@@ -406,12 +441,8 @@ def randomize_top_layers(model, n_layers: int | None = None, from_layer: str | N
     targets = top_weighted_layers(model, n_layers, from_layer)
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    k = 0
     for name in targets:
-        layer = clone.get_layer(name)
-        for var in layer.weights:
-            var.assign(_fresh_value(layer, var, seed + 1009 * k))
-            k += 1
+        _randomize_layer(clone.get_layer(name), seed)
     clone.randomized_layers = list(targets)
     return clone
 
@@ -428,7 +459,8 @@ def cascading_randomization(model, images, target, steps=("image_embedding", "to
     Returns ``(table, maps)``: a DataFrame with one row per step (``randomized_from``,
     ``layers_randomized``, ``spearman_mean`` counting blank maps as 0, ``spearman_nanmean`` over the
     defined ones, ``blank_maps``) and ``{step: maps}`` (only with ``keep_maps``).  One clone for all steps;
-    ``model`` is untouched.
+    ``model`` is untouched.  A step's weights equal :func:`randomize_top_layers` with the same ``seed``
+    and that ``from_layer`` (per-layer seeds), so the two agree.
     """
     import keras
     import pandas as pd
@@ -440,7 +472,7 @@ def cascading_randomization(model, images, target, steps=("image_embedding", "to
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     done: list[str] = []
-    rows, kept, k = [], {}, 0
+    rows, kept = [], {}
     for step in steps:
         if step != "all" and step not in names:
             continue
@@ -448,10 +480,7 @@ def cascading_randomization(model, images, target, steps=("image_embedding", "to
         for name in todo:
             if name in done:
                 continue
-            layer = clone.get_layer(name)
-            for var in layer.weights:
-                var.assign(_fresh_value(layer, var, seed + 1009 * k))
-                k += 1
+            _randomize_layer(clone.get_layer(name), seed)
             done.append(name)
         maps = gradcam_tape(clone, images, target, layer_name=layer_name, inputs=inputs)
         rho0 = agreement(reference, maps, undefined=0.0)
@@ -578,8 +607,9 @@ def _panel(ax, image, heatmap, alpha, cmap, title, fontsize):
         s.set_visible(False)
     if image is None:
         ax.set_facecolor("#f2f2f2")
-        ax.text(0.5, 0.5, title or "none", ha="center", va="center", fontsize=fontsize, color="0.45",
-                transform=ax.transAxes, wrap=True)
+        if title:
+            ax.text(0.5, 0.5, title, ha="center", va="center", fontsize=fontsize, color="0.45",
+                    transform=ax.transAxes, wrap=True)
         return
     shown = _as_rgb_uint8(image) if heatmap is None else overlay(image, heatmap, alpha=alpha, cmap=cmap)
     ax.imshow(shown, interpolation="nearest")
@@ -637,7 +667,7 @@ def methods_figure(images, maps: dict, row_titles=None, alpha: float = 0.4, cmap
     """One row per image: the image, then one overlay per entry of ``maps`` (``{column title: (n, H, W)}``).
 
     ``scores``: optional ``{column title: per-image numbers}`` appended to that column's panel titles
-    (e.g. the rank correlation with the first column).  Returns the figure (not saved).
+    (e.g. the rank correlation with the first column; ``nan`` reads "blank map: no ranking").  Returns the figure (not saved).
     """
     cols = list(maps)
     n = len(images)
@@ -654,7 +684,8 @@ def methods_figure(images, maps: dict, row_titles=None, alpha: float = 0.4, cmap
             hms.append(maps[k][i])
             t = k if i == 0 else ""
             if scores and k in scores:
-                t = (t + "\n" if t else "") + f"rho = {scores[k][i]:.2f}"
+                v = float(scores[k][i])
+                t = (t + "\n" if t else "") + (f"rho = {v:.2f}" if np.isfinite(v) else "blank map: no ranking")
             titles.append(t)
     return gallery_figure(ims, hms, titles, ncols=1 + len(cols), alpha=alpha, cmap=cmap, row_labels=row_titles,
                           suptitle=suptitle, panel_size=panel_size, fontsize=fontsize)

@@ -146,7 +146,8 @@ def test_select_examples_and_gallery():
     images = np.random.default_rng(0).uniform(0, 255, (6, 8, 8, 3))
     fig, sel2 = gradcam.class_gallery(images, np.random.default_rng(1).uniform(size=(6, 8, 8)), y, pred,
                                       ["a", "b", "c"], probs=probs, per_class=2)
-    assert len([ax for ax in fig.axes if ax.get_images() or ax.texts]) == 3 * 4  # 3 classes x (2 correct + 2 wrong)
+    assert len(fig.axes) == 3 * 4 + 1  # 3 classes x (2 correct + 2 wrong) panels, and the colour bar
+    assert sum(bool(ax.get_images()) for ax in fig.axes) == 6  # every example shown once
     assert {"true_class", "pred_class"} <= set(sel2.columns)
     plt.close(fig)
     assert gradcam.slug("Superficial-Intermediate") == "superficial-intermediate"
@@ -224,6 +225,8 @@ def test_cascading_randomization_table(trained):
     assert list(table["layers_randomized"]) == [1, 4, 5]
     assert set(maps) == {"class_probs", "top_conv", "all"} and maps["all"].shape == (6, SIZE, SIZE)
     assert table["spearman_mean"].between(-1, 1).all()
+    one_step = gradcam.randomize_top_layers(model, from_layer="top_conv", seed=0)  # same weights as the cascade's step
+    np.testing.assert_allclose(gradcam.gradcam_tape(one_step, x[:6], target=y[:6]), maps["top_conv"], atol=1e-5)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
@@ -234,6 +237,8 @@ def test_two_input_model(two_input):
     img = rng.uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
     tab = rng.normal(size=(4, 5)).astype(np.float32)
     feed = {"image": img, "tabular": tab}
+    np.testing.assert_allclose(gradcam.predict(model, inputs=feed, batch_size=3),
+                               model.predict(feed, verbose=0), rtol=1e-5, atol=1e-6)
     tape = gradcam.gradcam_tape(model, None, target=None, inputs=feed)
     assert tape.shape == (4, SIZE, SIZE) and 0 <= tape.min() and tape.max() <= 1
     ref = gradcam.gradcam_tfkv(model, None, target=None, inputs=feed)  # expand_cam=False inside
