@@ -243,7 +243,7 @@ def _read_zip(path: Path, source: str) -> dict:
         if len(pkl) != 1:
             raise WeightsFileError(f"{source}: zip file without exactly one data.pkl")
         prefix = pkl[0][: -len("data.pkl")]
-        order = prefix + ".data/byteorder"
+        order = prefix + "byteorder"
         if order in names and zf.read(order).strip() != b"little":
             raise WeightsFileError(f"{source}: big-endian torch files are not supported")
 
@@ -320,7 +320,8 @@ def build_lite0(input_tensor=None, image_size: int = 224, include_top: bool = Fa
         x = inputs
     else:
         x = input_tensor
-        inputs = keras.utils.get_source_inputs(input_tensor) if hasattr(keras.utils, "get_source_inputs") else input_tensor
+        src = keras.utils.get_source_inputs(input_tensor)
+        inputs = src[0] if len(src) == 1 else src
 
     def bn(t, lname):
         return layers.BatchNormalization(axis=-1, momentum=0.99, epsilon=BN_EPSILON, name=lname)(t)
@@ -461,6 +462,7 @@ def source_weights_path() -> Path:
 
 
 last_conversion_seconds: float | None = None  # set by lite0_weights_path when it converts
+conversion_count = 0  # conversions done by this process (tests check the cache is reused)
 
 
 def _cached_file_matches(target: Path, sha: str) -> bool:
@@ -485,7 +487,7 @@ def lite0_weights_path(cache_dir=None, source=None) -> Path:
     source file triggers a fresh conversion.  Load it with :func:`load_lite0_imagenet` (any
     image size, with or without top), or ``build_lite0(include_top=True).load_weights(path)``.
     """
-    global last_conversion_seconds
+    global last_conversion_seconds, conversion_count
     source = Path(source) if source is not None else source_weights_path()
     if not source.is_file():
         raise FileNotFoundError(f"EfficientNet-Lite0 source weights not found: {source}")
@@ -507,6 +509,7 @@ def lite0_weights_path(cache_dir=None, source=None) -> Path:
             f.attrs[ATTR_SOURCE_NAME] = source.name
             f.attrs[ATTR_FORMAT] = CONVERSION_FORMAT
     last_conversion_seconds = time.perf_counter() - t0
+    conversion_count += 1
     _weights_cache.clear()
     return target
 
@@ -531,7 +534,7 @@ def read_lite0_weights(path=None) -> dict[str, list[np.ndarray]]:
         except Exception as e:
             raise WeightsFileError(
                 f"{path}: not a readable EfficientNet-Lite0 Keras weights file ({type(e).__name__}: {e}); "
-                f"delete it to reconvert"
+                f"if it is the converted cache file, delete it and it will be rebuilt"
             ) from e
         _weights_cache.clear()
         _weights_cache[key] = {layer.name: layer.get_weights() for layer in ref.layers if layer.weights}
@@ -539,12 +542,37 @@ def read_lite0_weights(path=None) -> dict[str, list[np.ndarray]]:
     return _weights_cache[key]
 
 
-def load_lite0_imagenet(model, path=None) -> "keras.Model":  # noqa: F821
-    """Put the ImageNet weights into a :func:`build_lite0` model (any image size, with or without top)."""
-    set_weights_by_name(model, read_lite0_weights(path), strict=False)
-    missing = [layer.name for layer in model.layers
-               if layer.weights and layer.name.startswith(("stem_", "block", "top_", "predictions"))
-               and layer.name not in read_lite0_weights(path)]
-    if missing:  # pragma: no cover - build_lite0 names always match
-        raise WeightsFileError(f"Lite0 layers without ImageNet weights: {missing[:5]}")
+def lite0_layer_order(include_top: bool = True) -> list[str]:
+    """Names of the weighted layers of :func:`build_lite0`, in graph order."""
+    names = list(dict.fromkeys(lname for lname, _ in _keras_name_map().values()))
+    return names if include_top else [n for n in names if n != "predictions"]
+
+
+def load_lite0_imagenet(model, path=None):
+    """Put ImageNet weights into a model containing a :func:`build_lite0` graph; return ``model``.
+
+    Any image size, with or without top.  ``path``: a Lite0 Keras weights file (default: the
+    converted ImageNet file from :func:`lite0_weights_path`).  A standalone Lite0 model loads
+    natively (``model.load_weights``: positional, fast); a model with other weighted layers
+    (e.g. a head after ``top_activation``) is filled by layer name.  Raises ``FileNotFoundError``
+    or :class:`WeightsFileError` naming the file.
+    """
+    path = Path(path) if path is not None else lite0_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights file not found: {path}")
+    weighted = [layer.name for layer in model.layers if layer.weights]
+    if weighted in (lite0_layer_order(True), lite0_layer_order(False)):
+        try:
+            model.load_weights(str(path))
+        except Exception as e:
+            raise WeightsFileError(
+                f"{path}: not a readable EfficientNet-Lite0 Keras weights file ({type(e).__name__}: {e})"
+            ) from e
+        return model
+    weights = read_lite0_weights(path)
+    set_weights_by_name(model, weights, strict=False)
+    have = {layer.name for layer in model.layers}
+    missing = [n for n in lite0_layer_order(False) if n not in have]
+    if missing:
+        raise WeightsFileError(f"model {model.name!r} has no EfficientNet-Lite0 layers {missing[:5]}...")
     return model
