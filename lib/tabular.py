@@ -595,6 +595,6 @@ def plot_cv_folds(results: dict, metric: str = "auc", anchor: float | None = Non
     if metric == "auc":
         ax.axhline(0.5, ls=":", c="grey", lw=1, label="chance (0.50)")
     ax.set(ylabel=f"per-fold {metric.upper()}", xlabel="", title=f"Cross-validated {metric.upper()} per fold")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
