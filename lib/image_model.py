@@ -44,12 +44,18 @@ NAIVE_DEFAULTS = {
 
 
 # --------------------------------------------------------------------------- building
+_MIRRORED = []  # one MirroredStrategy per process: variables and optimizer must share the same instance
+
+
 def strategy():
-    """``MirroredStrategy`` when more than one GPU is visible, else TensorFlow's default strategy."""
+    """``MirroredStrategy`` when more than one GPU is visible (the same instance on every call), else
+    TensorFlow's default strategy.  Build and compile under ``with strategy().scope():``."""
     import tensorflow as tf
 
     if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
+        if not _MIRRORED:
+            _MIRRORED.append(tf.distribute.MirroredStrategy())
+        return _MIRRORED[0]
     return tf.distribute.get_strategy()
 
 
