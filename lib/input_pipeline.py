@@ -2,8 +2,9 @@
 
 Decoding
     Files are decoded with Pillow inside ``tf.numpy_function`` rather than ``tf.io.decode_image``:
-    TensorFlow's BMP decoder rejects palette and some 8-bit BMPs, and SIPaKMeD ships ``.bmp``.
-    Pillow reads BMP, PNG, JPEG and TIFF alike.  Colour conversions (:func:`to_rgb`), documented
+    SIPaKMeD ships ``.bmp``, and TensorFlow's BMP decoder (TF 2.21, checked) reads an 8-bit *palette*
+    BMP's colour indices as gray levels - silently wrong colours - and drops alpha without
+    compositing.  Pillow reads BMP (any bit depth), PNG, JPEG and TIFF alike.  Colour conversions (:func:`to_rgb`), documented
     because they change what the network sees:
 
     * grayscale (``L``, ``1``) -> RGB by copying the gray value into all three channels;

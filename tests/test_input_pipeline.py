@@ -132,3 +132,14 @@ def test_augmentation_inactive_at_inference_active_in_training():
     t = np.asarray(model(batch, training=True))
     assert t.shape == batch.shape and not np.allclose(t, batch, atol=1.0)
     assert 0.0 <= t.min() and t.max() <= 255.0
+
+
+def test_palette_bmp_keeps_its_colours(tmp_path):
+    """TensorFlow's own BMP decoder returns palette indices as gray; ours must return the colours."""
+    arr = np.zeros((6, 6, 3), np.uint8)
+    arr[..., 0] = 200
+    arr[:3, :, 2] = 90
+    path = tmp_path / "pal.bmp"
+    Image.fromarray(arr).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(path)
+    out = ip.load_image(path, 6)
+    assert tuple(out[0, 0]) == (200, 0, 90) and tuple(out[5, 5]) == (200, 0, 0)
