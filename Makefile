@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
 
-.PHONY: help venv data report notebooks site check-report test unit nbval smoke lab bench clean-notebooks clean
+.PHONY: help venv data report notebooks site check-report test unit nbval smoke lab bench bench-full clean-notebooks clean
 
 help:
 	@echo "make report [PROFILE=full|smoke] [DATA=folder]  run the notebooks headless, render _site/"
@@ -57,8 +57,14 @@ smoke:
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Speed and memory targets, measured against baselines in the same run (JSON + PNG in build/benchmarks/).
 bench: venv
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_image_branch.py features
+	$(PY) benchmarks/bench_report.py --profile smoke $(DATA_ARG)
+
+bench-full: venv
+	$(PY) benchmarks/bench_image_branch.py notebooks --profile full
+	$(PY) benchmarks/bench_report.py --profile full $(DATA_ARG)
 
 clean-notebooks: venv
 	$(PY) tools/nbclean.py notebooks/*.ipynb
