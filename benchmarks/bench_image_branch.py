@@ -11,6 +11,8 @@ notebooks  runs notebooks 02 and 03 with papermill (default: the full profile) a
     .venv/bin/python benchmarks/bench_image_branch.py features [--n-images 256 --image-size 224]
     .venv/bin/python benchmarks/bench_image_branch.py notebooks [--profile full] [--param image_size=128 ...]
 
+``--param`` goes to both notebooks (``epochs`` also sets notebook 02's naive epochs).  The JSON records
+the 1-minute load average at the start: on a shared machine wall times are upper bounds.
 Each mode updates its own section of the JSON, so the two can run at different times; the figure is
 redrawn from whatever the JSON holds.
 """
@@ -171,24 +173,27 @@ def draw(data: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     f = data.get("features")
     if f:
-        axes[0].bar(["bare predict", "lib.features"], [max(f["bare_predict_img_s"]), max(f["lib_features_img_s"])],
-                    color=["grey", "C0"])
-        axes[0].set(ylabel="images / s", title=f"Features at {f['image_size']} px: ratio {f['ratio_median']:.2f} "
-                                              f"(target {f['target_ratio']})")
+        import numpy as np
+
+        axes[0].bar(["bare predict", "lib.features"], [np.median(f["bare_predict_img_s"]),
+                                                        np.median(f["lib_features_img_s"])], color=["grey", "C0"])
+        axes[0].set(ylabel="images / s (median of repeats)",
+                    title=f"Features, {f['n_images']} images at {f['image_size']} px\nratio {f['ratio_median']:.2f} "
+                          f"(target {f['target_ratio']})")
     nbk = data.get("notebooks")
     if nbk:
         names = list(nbk["runs"])
         axes[1].bar(names, [nbk["runs"][k]["wall_s"] / 60 for k in names], color="C1")
         axes[1].axhline(nbk["budget_s"] / 60, ls="--", c="k", lw=1, label="budget 02+03")
-        axes[1].set(ylabel="minutes", title=f"Wall time ({nbk['params'].get('profile')}): total "
-                                           f"{nbk['total_wall_s'] / 60:.1f} min")
+        shown = ", ".join(f"{k}={v}" for k, v in nbk["params"].items())
+        axes[1].set(ylabel="minutes", title=f"Wall time, total {nbk['total_wall_s'] / 60:.1f} min\n({shown})")
         axes[1].legend(fontsize=8)
         axes[2].bar(names, [nbk["runs"][k]["peak_rss_mb"] / 1024 for k in names], color="C2")
         axes[2].axhline(nbk["budget_rss_mb"] / 1024, ls="--", c="k", lw=1, label="budget")
-        axes[2].set(ylabel="GB", title="Peak RSS of the kernel")
+        axes[2].set(ylabel="GB", title=f"Peak RSS of the kernel\nmax {nbk['peak_rss_mb'] / 1024:.2f} GB")
         axes[2].legend(fontsize=8)
         for ax in axes[1:]:
             ax.tick_params(axis="x", labelsize=8)
