@@ -63,6 +63,8 @@ IMAGE_BRANCH_FILE = "image_branch.keras"
 DEFAULT_THRESHOLD = 0.5
 #: head training epochs (an upper bound: early stopping) per profile when the notebook passes none
 HEAD_EPOCHS = {"smoke": 150, "full": 300}
+#: further draws of the pairing protocol each model is stopped on and scored on (besides the seeded one)
+N_REPAIRINGS = 20
 
 
 # --------------------------------------------------------------------------- the graph
@@ -180,7 +182,7 @@ def build_head(kind: str, n_tabular: int | None = None, image_dim: int = 512, co
         tab = keras.Input((int(n_tabular),), name=TABULAR_INPUT)
         inputs.append(tab)
     out = _head_graph(kind, _new_layers(), img, tab, cfg)
-    return compile_model(keras.Model(inputs, out, name=f"fusion_head_{kind}"), lr)
+    return compile_model(keras.Model(inputs if len(inputs) > 1 else inputs[0], out, name=f"fusion_head_{kind}"), lr)
 
 
 def _embedding_tensor(image_branch):
@@ -232,7 +234,7 @@ def assemble(image_branch, head, config: HeadConfig | None = None, lr: float = L
         inputs.append(tab)
     get = _new_layers()
     out = _head_graph(kind, get, _embedding_tensor(image_branch), tab, config or HeadConfig())
-    model = keras.Model(inputs, out, name=name)
+    model = keras.Model(inputs if len(inputs) > 1 else inputs[0], out, name=name)
     for layer in head.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
@@ -319,6 +321,77 @@ def fit_image_head_on_features(image_branch, features, labels, val_features=None
         hist = head.fit(feats, y, **kw)
         best = len(hist.history["loss"])
     return {"epochs_run": len(hist.history["loss"]), "best_epoch": best}
+
+
+def default_train_draws(n_train_images: int, n_train_records: int, cap: int = 5) -> int:
+    """How many pairing draws to train on: enough that the training pairs show the tabular tower about
+    every training record once (``ceil(records / images)``), at least 1, at most ``cap``.  The smoke
+    profile has ~85 training images for ~580 training records (5 draws); the full profile has more
+    images than records (1 draw)."""
+    if n_train_images < 1:
+        raise ValueError(f"parameter 'n_train_images': expected a positive count, got {n_train_images!r}")
+    return int(max(1, min(int(cap), -(-int(n_train_records) // int(n_train_images)))))
+
+
+def _branch_features(branch, table, size: int, chunk: int = 256) -> np.ndarray:
+    import keras
+
+    from .input_pipeline import load_images
+
+    pooled = keras.Model(branch.get_layer(IMAGE_INPUT).output, branch.get_layer("avg_pool").output)
+    return np.concatenate([predict_raw(pooled, load_images(table.iloc[i:i + chunk], size))
+                           for i in range(0, len(table), chunk)]).astype("float32")
+
+
+def image_branch_for_fusion(params: dict, table: pd.DataFrame, classes: list, models_dir, metrics_dir,
+                            head_epochs: int = 200):
+    """The image branch the fusion model builds on, and a dict saying where it came from.
+
+    Notebook 03's ``image_branch.keras`` is used when it exists **and** its metrics JSON
+    (``03_image_branch.json``) shows the same backbone, weights, image size, seed, classes and split
+    sizes as ``params``/``table`` (so its test images are this notebook's test images and it never
+    trained on them).  Otherwise a branch is built with :func:`lib.image_model.build_image_classifier`
+    from the same parameters, its backbone kept frozen (ImageNet features) and its head
+    (``image_embedding`` -> ``class_probs``) trained on the pooled features of the training split,
+    early stopping on the validation split (:func:`fit_image_head_on_features`); the reason is reported.
+    """
+    from . import image_model
+    from .atomic import read_json
+
+    path = Path(models_dir) / IMAGE_BRANCH_FILE
+    meta_path = Path(metrics_dir) / "03_image_branch.json"
+    keys = ("backbone", "weights", "image_size", "seed")
+    counts = {f"n_{s}": int((table["split"] == s).sum()) for s in ("train", "val", "test")}
+    reason = None
+    if not path.is_file():
+        reason = f"{path.name} not found (notebook 03 has not run for this profile)"
+    elif not meta_path.is_file():
+        reason = f"{meta_path.name} not found, so the split it was trained on cannot be checked"
+    else:
+        meta = read_json(meta_path)
+        mine = {k: params.get(k) for k in keys}
+        theirs = {k: meta.get("params", {}).get(k) for k in keys}
+        if mine != theirs:
+            diff = {k: (theirs[k], mine[k]) for k in keys if mine[k] != theirs[k]}
+            reason = f"notebook 03 used other parameters (notebook 03 vs here): {diff}"
+        elif list(meta.get("classes", [])) != list(classes):
+            reason = f"notebook 03 has classes {meta.get('classes')}, here {list(classes)}"
+        elif any(meta.get(k) != v for k, v in counts.items()):
+            reason = (f"notebook 03's split sizes {[meta.get(k) for k in counts]} differ from this split's "
+                      f"{list(counts.values())}")
+    if reason is None:
+        branch = image_model.load_model(path)
+        return branch, {"source": "notebook 03 (image_branch.keras)", "file": path.name,
+                        "recipe": meta.get("recipe", {}), "reason": "same parameters and split as this notebook"}
+    branch = image_model.build_image_classifier(len(classes), params["backbone"], params["image_size"],
+                                                params["weights"], seed=params["seed"])
+    feats = _branch_features(branch, table, params["image_size"])
+    tr, va = (table["split"] == "train").to_numpy(), (table["split"] == "val").to_numpy()
+    y = table["label_idx"].to_numpy()
+    info = fit_image_head_on_features(branch, feats[tr], y[tr], feats[va], y[va], epochs=head_epochs,
+                                      seed=params["seed"])
+    return branch, {"source": "built here: frozen backbone + head trained on its pooled features",
+                    "file": None, "reason": reason, "head_training": info}
 
 
 def fit_tabular_preprocessor(uci_frame, uci_split, target: str = "Biopsy", include_leaky: bool = False):
@@ -458,45 +531,48 @@ def pairing_inputs(image_table, uci_frame, uci_split, embeddings, tabular: dict,
 
 
 # --------------------------------------------------------------------------- training
-def fit_head(kind: str, data: CohortInputs, epochs: int, seed: int = 42, batch_size: int = 32, patience: int = 20,
-             config: HeadConfig | None = None, lr: float = LEARNING_RATE, train_draws: int = 1,
-             val_draws: int | None = None, monitor: str = "val_loss"):
-    """Build and train one head on ``data``'s train split; returns ``(model, info)``.
+def _check_fit_args(epochs, patience, monitor):
+    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
+    if not isinstance(patience, (int, np.integer)) or patience < 1:
+        raise ValueError(f"parameter 'patience': expected a positive integer, got {patience!r}")
+    if monitor not in ("val_loss", "val_auc"):
+        raise ValueError(f"parameter 'monitor': expected 'val_loss' or 'val_auc', got {monitor!r}")
 
-    What ``model.fit`` with ``EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True)``
-    and balanced ``class_weight`` would do - binary cross-entropy, Adam ``lr`` (the compiled
-    optimizer), seeded shuffling, dropout and BatchNorm in training mode - written as a small
-    ``tf.function`` loop: on these shared 2-core machines ``fit`` spends ~0.4 s per epoch in overhead
-    when a head epoch needs ~10 ms.  ``info``: ``epochs_run``, ``best_epoch`` (1-based), ``best_val_auc``,
-    ``history`` (``loss``, ``val_auc`` per epoch).
+
+def train_loop(model, x_tr, y_tr, x_va, y_va, epochs: int, seed: int = 42, batch_size: int = 32,
+               patience: int = 20, monitor: str = "val_loss") -> dict:
+    """Fit a compiled binary model in place; returns ``info``.
+
+    What ``model.fit(..., class_weight=balanced, callbacks=[EarlyStopping(monitor, patience,
+    restore_best_weights=True)])`` does - binary cross-entropy with balanced class weights (also in
+    the validation loss), the compiled Adam, seeded shuffling, dropout and BatchNorm in training
+    mode - as a small ``tf.function`` loop: on these shared 2-core machines ``fit`` spends ~0.4 s per
+    epoch in overhead when a head epoch needs ~10 ms.  ``x_tr``/``x_va``: lists of arrays, one per
+    model input.  ``info``: ``epochs_run``, ``best_epoch`` (1-based), ``monitor``, ``best_val_loss``,
+    ``best_val_auc``, ``history`` (``loss``, ``val_loss``, ``val_auc`` per epoch).
     """
     import keras
     import tensorflow as tf
 
     from .tabular import class_weights
 
-    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
-    if not isinstance(patience, (int, np.integer)) or patience < 1:
-        raise ValueError(f"parameter 'patience': expected a positive integer, got {patience!r}")
-    keras.utils.set_random_seed(seed)
-    cfg = config or HeadConfig(seed=seed)
-    if monitor not in ("val_loss", "val_auc"):
-        raise ValueError(f"parameter 'monitor': expected 'val_loss' or 'val_auc', got {monitor!r}")
-    x_tr = [np.asarray(a, "float32") for a in data.inputs(kind, "train", train_draws)]
-    y_tr = np.asarray(data.labels("train", train_draws), "float32")
-    x_va = [np.asarray(a, "float32") for a in data.inputs(kind, "val", val_draws)]
-    y_va = np.asarray(data.labels("val", val_draws), "int64")
-    model = build_head(kind, data.x_tabular["train"].shape[1], data.x_image["train"].shape[1], cfg, lr)
+    _check_fit_args(epochs, patience, monitor)
+    x_tr = [np.asarray(a, "float32") for a in x_tr]
+    x_va = [np.asarray(a, "float32") for a in x_va]
+    y_tr = np.asarray(y_tr, "float32").reshape(-1)
+    y_va = np.asarray(y_va).astype("int64").reshape(-1)
     cw = class_weights(y_tr)
     w_tr = np.where(y_tr > 0.5, cw[1], cw[0]).astype("float32")
+    w_va = np.where(y_va > 0, cw[1], cw[0])
     spec = [tf.TensorSpec((None, a.shape[1]), tf.float32) for a in x_tr]
     opt = model.optimizer
+    single = len(x_tr) == 1
 
     @tf.function(input_signature=[spec, tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.float32)])
     def step(xs, y, w):
         with tf.GradientTape() as tape:
-            p = tf.reshape(model(xs if len(xs) > 1 else xs[0], training=True), [-1])
+            p = tf.reshape(model(xs[0] if single else xs, training=True), [-1])
             loss = tf.reduce_sum(keras.losses.binary_crossentropy(y[:, None], p[:, None]) * w) / tf.cast(tf.size(y), tf.float32)
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
@@ -504,9 +580,8 @@ def fit_head(kind: str, data: CohortInputs, epochs: int, seed: int = 42, batch_s
 
     @tf.function(input_signature=[spec])
     def infer(xs):
-        return tf.reshape(model(xs if len(xs) > 1 else xs[0], training=False), [-1])
+        return tf.reshape(model(xs[0] if single else xs, training=False), [-1])
 
-    w_va = np.where(y_va > 0, cw[1], cw[0])
     rng = np.random.default_rng(seed)
     n = len(y_tr)
     best, best_epoch, best_weights, wait = -np.inf, 0, None, 0
@@ -532,10 +607,78 @@ def fit_head(kind: str, data: CohortInputs, epochs: int, seed: int = 42, batch_s
                 break
     if best_weights is not None:
         model.set_weights(best_weights)
-    return model, {"epochs_run": len(hist["loss"]), "best_epoch": best_epoch + 1, "monitor": monitor,
-                   "best_val_loss": hist["val_loss"][best_epoch], "best_val_auc": hist["val_auc"][best_epoch],
-                   "train_draws": int(train_draws), "val_draws": data.n_draws if val_draws is None else int(val_draws),
-                   "history": hist}
+    return {"epochs_run": len(hist["loss"]), "best_epoch": best_epoch + 1, "monitor": monitor,
+            "best_val_loss": hist["val_loss"][best_epoch], "best_val_auc": hist["val_auc"][best_epoch],
+            "history": hist}
+
+
+#: the layers of the tabular tower (what :func:`fit_tabular_branch` trains and :func:`fit_head` reuses)
+def tabular_tower_layers(config: HeadConfig | None = None) -> list[str]:
+    cfg = config or HeadConfig()
+    names = []
+    for i in range(1, len(cfg.tabular_hidden) + 1):
+        names += [f"tab_dense_{i}", f"tab_batchnorm_{i}"]
+    return names + [TABULAR_EMBEDDING]
+
+
+def fit_tabular_branch(x_tabular, y, uci_split, epochs: int, seed: int = 42, batch_size: int = 32,
+                       patience: int = 20, config: HeadConfig | None = None, lr: float = LEARNING_RATE):
+    """The tabular branch on its own data: the tabular MLP (``build_head("tabular")``) trained on the
+    UCI **training records** for ``Biopsy``, early stopping on the validation records.
+
+    ``x_tabular``: preprocessed features of every UCI row; ``y``: their ``Biopsy``; ``uci_split``:
+    train/val/test per row (:func:`lib.pairing.split_uci`).  Returns ``(model, info)``; ``info`` adds
+    ``test_auc`` on the test records (the honest anchor: about 0.65-0.69 on real data).  Its tower
+    (:func:`tabular_tower_layers`) is what :func:`fit_head` puts, frozen, under the tabular embedding:
+    each branch learns from its own data, the fusion head learns to combine them.
+    """
+    import keras
+
+    cfg = config or HeadConfig(seed=seed)
+    x = np.asarray(x_tabular, "float32")
+    y = np.asarray(y).astype(int).reshape(-1)
+    s = pd.Series(uci_split).astype(str).to_numpy()
+    keras.utils.set_random_seed(seed)
+    model = build_head("tabular", x.shape[1], config=cfg, lr=lr)
+    info = train_loop(model, [x[s == "train"]], y[s == "train"], [x[s == "val"]], y[s == "val"], epochs, seed,
+                      batch_size, patience)
+    test = s == "test"
+    if 0 < y[test].sum() < test.sum():
+        info["test_auc"] = metrics.roc_auc(y[test], predict(model, x[test]))
+    return model, info
+
+
+def fit_head(kind: str, data: CohortInputs, epochs: int, seed: int = 42, batch_size: int = 32, patience: int = 20,
+             config: HeadConfig | None = None, lr: float = LEARNING_RATE, train_draws: int = 1,
+             val_draws: int | None = None, monitor: str = "val_loss", tabular_branch=None):
+    """Build and train one head on ``data``'s train split (:func:`train_loop`); returns ``(model, info)``.
+
+    ``train_draws``: how many pairing draws to train on (see :class:`CohortInputs`); ``val_draws``:
+    how many the early stopping watches (``None``: all).  ``tabular_branch``: a model from
+    :func:`fit_tabular_branch`; its tower weights are copied into this head and **frozen** (BatchNorm
+    in inference mode), so only the fusion layers learn from the pairs.  Without it the tower is
+    trained from scratch on the pairs.
+    """
+    import keras
+
+    _check_fit_args(epochs, patience, monitor)
+    keras.utils.set_random_seed(seed)
+    cfg = config or HeadConfig(seed=seed)
+    model = build_head(_check_kind(kind), data.x_tabular["train"].shape[1], data.x_image["train"].shape[1], cfg, lr)
+    frozen = []
+    if tabular_branch is not None and kind != "image":
+        for name in tabular_tower_layers(cfg):
+            layer = model.get_layer(name)
+            layer.set_weights(tabular_branch.get_layer(name).get_weights())
+            layer.trainable = False
+            frozen.append(name)
+        compile_model(model, lr)  # trainability is captured when compiling
+    info = train_loop(model, data.inputs(kind, "train", train_draws), data.labels("train", train_draws),
+                      data.inputs(kind, "val", val_draws), data.labels("val", val_draws), epochs, seed, batch_size,
+                      patience, monitor)
+    info.update(train_draws=int(train_draws), val_draws=data.n_draws if val_draws is None else int(val_draws),
+                frozen_tabular_tower=bool(frozen))
+    return model, info
 
 
 def predict(model, x) -> np.ndarray:
@@ -621,21 +764,29 @@ class AblationResult:
 def run_ablation(data: dict, epochs: int, seed: int = 42, n_boot: int = 1000, batch_size: int = 32,
                  patience: int = 20, runs=ABLATION_RUNS, config: HeadConfig | None = None,
                  progress: bool = False, train_draws: int = 1, val_draws: int | None = None,
-                 monitor: str = "val_loss") -> AblationResult:
+                 monitor: str = "val_loss", tabular_branches: dict | None = None) -> AblationResult:
     """Train and test every run of ``runs`` on ``data`` (``{pairing key: CohortInputs}``, e.g. from
     :func:`pairing_inputs`).
 
     Every run uses the same seed, epochs, early stopping and test images; only the head kind and the
     pairing change.  The seeded test pairing gets :func:`lib.metrics.binary_report` (bootstrap CIs,
     ``n_boot``); ``averaged`` pools the seeded pairing and every test re-pairing into one AUC and AP.
+    ``tabular_branches``: ``{suffix: model from fit_tabular_branch}`` (suffix ``""`` for the honest
+    features, :data:`SCREENING` for the demonstration) - the frozen tabular tower of every head whose
+    pairing key ends with that suffix.
     """
     res = AblationResult(list(runs), {}, {}, {}, {}, {})
     for name, kind, key in runs:
         if key not in data:
             raise ValueError(f"run {name!r} needs pairing {key!r}; got pairings {sorted(data)}")
         d = data[key]
+        suffix = key.removeprefix("label_conditioned").removeprefix("shuffled")
+        branch = (tabular_branches or {}).get(suffix)
+        if tabular_branches is not None and branch is None and kind != "image":
+            raise ValueError(f"run {name!r}: no tabular branch for features {suffix!r}; got {sorted(tabular_branches)}")
         model, info = fit_head(kind, d, epochs=epochs, seed=seed, batch_size=batch_size, patience=patience,
-                               config=config, train_draws=train_draws, val_draws=val_draws, monitor=monitor)
+                               config=config, train_draws=train_draws, val_draws=val_draws, monitor=monitor,
+                               tabular_branch=branch)
         sc = predict(model, d.inputs(kind, "test", None))
         yy = d.labels("test", None).astype(int)
         n_test = len(d.y["test"])
@@ -683,12 +834,13 @@ def pairing_lesson(res: AblationResult) -> dict:
     return out
 
 
-def ablation_table(reports: dict, runs=None, digits: int = 3) -> pd.DataFrame:
+def ablation_table(reports: dict, runs=None, digits: int = 3, averaged: dict | None = None) -> pd.DataFrame:
     """One row per model: AUC, AP, sensitivity at 90% specificity, F1, accuracy, each with its 95%
     bootstrap CI (columns ``<metric>``, ``<metric>_low``, ``<metric>_high``), plus n and positives.
 
     ``reports``: ``{name: binary_report}`` (e.g. :attr:`AblationResult.reports`); ``runs`` adds the
-    kind and pairing columns.
+    kind and pairing columns; ``averaged`` (:attr:`AblationResult.averaged`) adds ``auc_all_draws`` and
+    ``ap_all_draws``, the scores over every test pairing.
     """
     info = {name: (kind, pairing) for name, kind, pairing in (runs or [])}
     rows = []
@@ -701,12 +853,16 @@ def ablation_table(reports: dict, runs=None, digits: int = 3) -> pd.DataFrame:
             row[f"{m}_low"] = round(rep[m]["ci_low"], digits)
             row[f"{m}_high"] = round(rep[m]["ci_high"], digits)
         row["n_test"], row["n_pos"] = rep["n"], rep["n_pos"]
+        if averaged and name in averaged:
+            row["auc_all_draws"] = round(averaged[name]["auc"], digits)
+            row["ap_all_draws"] = round(averaged[name]["ap"], digits)
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
 
 
 def plot_ablation(table: pd.DataFrame, title: str | None = None):
-    """AUC and AP per model with their 95% bootstrap CIs as error bars (horizontal, one panel each)."""
+    """AUC and AP per model with their 95% bootstrap CIs as error bars (horizontal, one panel each);
+    when the table has ``auc_all_draws``/``ap_all_draws`` they are drawn as black diamonds."""
     import matplotlib.pyplot as plt
 
     names = list(table.index)
@@ -717,9 +873,13 @@ def plot_ablation(table: pd.DataFrame, title: str | None = None):
         err = np.vstack([v - table[f"{m}_low"].to_numpy(float), table[f"{m}_high"].to_numpy(float) - v])
         colors = ["#c0392b" if "shuffled" in n else "#2c7fb8" for n in names]
         ax.errorbar(v, y, xerr=np.clip(err, 0, None), fmt="none", ecolor="grey", capsize=4, lw=1.2)
-        ax.scatter(v, y, c=colors, s=45, zorder=3)
+        ax.scatter(v, y, c=colors, s=45, zorder=3, label="seeded pairing (95% CI)")
         for yi, vi in zip(y, v):
             ax.annotate(f"{vi:.3f}", (vi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        if f"{m}_all_draws" in table.columns:
+            ax.scatter(table[f"{m}_all_draws"].to_numpy(float), y, marker="D", c="black", s=22, zorder=4,
+                       label="over all test pairings")
+            ax.legend(loc="lower left", fontsize=7)
         ax.set(xlabel=label, xlim=(0, 1.02))
         if m == "auc":
             ax.axvline(0.5, ls="--", c="grey", lw=1)
@@ -749,6 +909,16 @@ def load_hybrid(path, compile: bool = True):
     return keras.saving.load_model(path, compile=compile)
 
 
+def _untrack_value_ranges(model) -> None:
+    """Keras 3.15: ``RandomBrightness``/``RandomContrast`` keep ``value_range`` as a tracked list, which the
+    legacy ``.h5`` writer cannot deep-copy ("cannot pickle 'module' object").  A plain tuple is the same
+    config; set it without the tracking ``__setattr__``."""
+    for layer in model.layers:
+        v = getattr(layer, "value_range", None)
+        if v is not None and not isinstance(v, tuple):
+            object.__setattr__(layer, "value_range", tuple(v))
+
+
 def save_hybrid(model, models_dir, preprocessor=None, card: dict | None = None) -> dict:
     """Write ``hybrid_cervical_model.keras``, then ``hybrid_cervical_model.h5`` from a clean reload of it,
     then the preprocessor JSON and the model card, each atomically; returns ``{what: path}``.
@@ -764,6 +934,7 @@ def save_hybrid(model, models_dir, preprocessor=None, card: dict | None = None) 
     with atomic_path(paths["keras"]) as tmp:
         model.save(tmp)
     clean = load_hybrid(paths["keras"])
+    _untrack_value_ranges(clean)
     with atomic_path(paths["h5"]) as tmp:
         clean.save(tmp)
     if preprocessor is not None:

@@ -261,5 +261,6 @@ def pairing_table(cohort: pd.DataFrame, uci_split=None, uci_frame=None, target: 
             row["positive_records_available"] = int(frame[target].to_numpy()[m].sum())
         rows[s] = row
     out = pd.DataFrame(rows).T
+    out = out.astype({c: "int64" for c in out.columns if c != "label_agreement"})
     out.index.name = "split"
     return out

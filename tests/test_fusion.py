@@ -16,14 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_branch(size=32, n_classes=5, seed=0):
-    """A small model with the image-branch contract: ``image`` -> ... ``top_activation`` -> ``avg_pool`` ->
-    ``image_embedding`` (512) -> ``class_probs``."""
+    """A small model with the image-branch contract: ``image`` -> augmentation layers -> ...
+    ``top_activation`` -> ``avg_pool`` -> ``image_embedding`` (512) -> ``class_probs``."""
     import keras
     from keras import layers
 
+    from lib.input_pipeline import augmentation_layers
+
     keras.utils.set_random_seed(seed)
     inp = keras.Input((size, size, 3), name="image")
-    x = layers.Rescaling(1 / 255.0, name="rescale")(inp)
+    x = inp
+    for layer in augmentation_layers(seed):  # as lib.image_model: RandomBrightness/Contrast trip the .h5 writer
+        x = layer(x)
+    x = layers.Rescaling(1 / 255.0, name="rescale")(x)
     x = layers.Conv2D(8, 3, strides=4, padding="same", name="top_conv")(x)
     x = layers.Activation("relu", name="top_activation")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -157,6 +162,26 @@ def test_fit_head_learns_and_stops_early():
     # same seed, same model
     again, _ = fusion.fit_head("tabular", d, epochs=info["epochs_run"], patience=10, batch_size=32, seed=3)
     np.testing.assert_allclose(fusion.predict(again, d.inputs("tabular", "test")), score, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tabular_branch_is_trained_on_records_and_frozen_in_the_head():
+    rng = np.random.default_rng(4)
+    n = 300
+    y = (rng.random(n) < 0.2).astype(int)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    x[:, 0] += 2.0 * y
+    split = np.array(["train"] * 200 + ["val"] * 50 + ["test"] * 50)
+    branch, info = fusion.fit_tabular_branch(x, y, split, epochs=60, patience=10, seed=1)
+    assert info["test_auc"] > 0.8 and 1 <= info["best_epoch"] <= info["epochs_run"] <= 60
+    d = toy_inputs(n=80, n_tab=6, tab_signal=0.0)
+    head, hinfo = fusion.fit_head("fused", d, epochs=5, patience=5, tabular_branch=branch)
+    assert hinfo["frozen_tabular_tower"]
+    for name in fusion.tabular_tower_layers():
+        assert not head.get_layer(name).trainable
+        for a, b in zip(head.get_layer(name).get_weights(), branch.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)  # unchanged by training the head
+    assert head.get_layer("fusion_dense").trainable
 
 
 @pytest.mark.slow
