@@ -37,10 +37,7 @@ UNFREEZE_FROM = "block6a"  # regularized recipe: blocks 6-7 and top_conv fine-tu
 # Naive-recipe settings per profile, used when config.PROFILES has no ``naive_epochs`` /
 # ``naive_train_images``.  Full fine-tuning costs ~4x top-layer training (DESIGN.md 5), so in the full
 # profile the naive run trains on a stratified subset of the training split (documented in notebook 02).
-NAIVE_DEFAULTS = {
-    "smoke": dict(naive_epochs=8, naive_train_images=None),
-    "full": dict(naive_epochs=8, naive_train_images=800),
-}
+NAIVE_KEYS = ("naive_epochs", "naive_train_images")  # defaults live in lib.config.PROFILES
 
 
 # --------------------------------------------------------------------------- building
@@ -229,9 +226,11 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
 
 
 def naive_settings(params: dict) -> dict:
-    """``naive_epochs`` and ``naive_train_images`` from run params, else :data:`NAIVE_DEFAULTS`."""
-    defaults = NAIVE_DEFAULTS.get(params.get("profile"), NAIVE_DEFAULTS["full"])
-    return {k: params[k] if params.get(k) is not None else v for k, v in defaults.items()}
+    """``naive_epochs`` and ``naive_train_images`` from run params (profile defaults in :mod:`lib.config`)."""
+    from . import config
+
+    defaults = config.PROFILES[params.get("profile", "full")]
+    return {k: params[k] if params.get(k) is not None else defaults[k] for k in NAIVE_KEYS}
 
 
 def stratified_subset(table, n: int | None, seed: int = 42):

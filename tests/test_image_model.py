@@ -25,8 +25,11 @@ def test_gap_uses_restored_epoch_or_last():
     assert im.headline_accuracies(h)["val_acc"] == 0.6
 
 
-def test_naive_settings_fall_back_to_module_defaults():
-    assert im.naive_settings({"profile": "smoke"}) == im.NAIVE_DEFAULTS["smoke"]
+def test_naive_settings_come_from_the_profile():
+    from lib import config
+
+    assert im.naive_settings(config.run_params("smoke")) == {"naive_epochs": 8, "naive_train_images": None}
+    assert im.naive_settings({"profile": "full"}) == {"naive_epochs": 8, "naive_train_images": 800}
     assert im.naive_settings({"profile": "full", "naive_epochs": 3})["naive_epochs"] == 3
 
 
