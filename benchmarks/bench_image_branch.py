@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from lib import config  # noqa: E402
-from lib.atomic import atomic_path, read_json, write_json  # noqa: E402
+from lib import config  # the kit is installed editable (make venv)
+from lib.atomic import atomic_path, read_json, write_json
 
 OUT_DIR = config.build_dir() / "benchmarks"
 RESULTS = OUT_DIR / "image_branch.json"
