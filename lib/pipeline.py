@@ -28,6 +28,8 @@ from . import config
 from .atomic import atomic_path, read_json, write_json
 
 NOTEBOOKS_DIR = config.ROOT / "notebooks"
+# modules that build the report around the notebooks; editing them must not retrain anything
+REPORT_ONLY_MODULES = {"pipeline", "site", "browser_check"}
 
 
 def notebook_paths(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -65,6 +67,8 @@ def fingerprint(notebook: Path, params: dict, upstream: str, data_dir=None) -> s
     h = hashlib.sha256()
     h.update(Path(notebook).read_bytes())
     for py in sorted((config.ROOT / "lib").glob("*.py")) + sorted((config.ROOT / "lib").glob("*.json")):
+        if py.stem in REPORT_ONLY_MODULES:
+            continue
         h.update(py.name.encode())
         h.update(py.read_bytes())
     h.update(json.dumps(params, sort_keys=True).encode())

@@ -44,18 +44,24 @@ CLINICAL_NOTE = (
     "multimodal result is made and where it misleads, not to screen anyone.</div>"
 )
 
-# The headline numbers shown on the index page, per notebook: (metrics key, label).
-HEADLINE_LABELS = {
-    "macro_f1": "macro-F1 (5 classes)",
-    "accuracy": "accuracy",
-    "abnormal_auc": "abnormal-vs-rest AUC",
-    "gap": "train-val accuracy gap",
-    "gap_naive": "train-val gap, naive recipe",
-    "gap_regularized": "train-val gap, regularized recipe",
-    "auc_mlp": "AUC, tabular MLP",
-    "auc_logreg": "AUC, logistic regression",
-    "auc_rf": "AUC, random forest",
-    "auc_mlp_leaky": "AUC, MLP with leaking screening columns",
+# The index page's results table: per notebook, the few numbers that carry its lesson, in order.
+# (Each notebook's JSON holds many more; its own page shows them.)
+HEADLINE = {
+    "01_eda": [("images", "cell images used"), ("cluster_images", "cluster images (groups)"),
+               ("biopsy_prevalence", "Biopsy prevalence (UCI)"), ("best_leaky_column_auc", "AUC of the best leaking screening column alone")],
+    "02_overfitting_baseline": [("train_acc", "naive recipe: train accuracy"), ("val_acc", "naive recipe: validation accuracy"),
+                                ("gap", "naive recipe: train-validation gap")],
+    "03_image_branch": [("macro_f1", "macro-F1, 5 classes (test)"), ("accuracy", "accuracy (test)"),
+                        ("abnormal_auc", "abnormal-vs-rest AUC (test)"), ("gap_naive", "train-validation gap, naive"),
+                        ("gap_regularized", "train-validation gap, regularized")],
+    "04_tabular_mlp": [("auc_mlp", "AUC, tabular MLP (repeated CV)"), ("auc_logreg", "AUC, logistic regression"),
+                       ("auc_rf", "AUC, random forest"), ("auc_mlp_leaky", "AUC, MLP WITH leaking screening columns"),
+                       ("published_anchor_auc", "published honest anchor (Fernandes et al. 2018)")],
+    "05_late_fusion": [("auc_image_only", "AUC, image only"), ("auc_tabular_only", "AUC, tabular only"),
+                       ("auc_fused", "AUC, fused (label-conditioned pairing)"), ("auc_shuffled", "AUC, fused (shuffled pairing)"),
+                       ("auc_attention", "AUC, attention-weighted fusion")],
+    "06_gradcam": [("tape_vs_tfkv_spearman", "Grad-CAM: lib vs tf-keras-vis (Spearman)"),
+                   ("trained_vs_random_spearman", "Grad-CAM: trained vs randomised top (Spearman)")],
 }
 
 
@@ -84,11 +90,12 @@ def headline_markdown(profile: str) -> str:
     for path in files:
         m = read_json(path)
         data = "synthetic stand-in" if m.get("synthetic") else "real"
-        for key, value in m.get("headline", {}).items():
-            if isinstance(value, (dict, list)) and not (isinstance(value, list) and len(value) == 2):
-                continue
-            rows.append(f"| {m.get('notebook', path.stem)} | {data} | {HEADLINE_LABELS.get(key, key)} | {_fmt(value)} |")
-    return f"Profile **{profile}**; read from the metrics JSON each notebook wrote.\n\n" + "\n".join(rows) + "\n"
+        headline = m.get("headline", {})
+        for key, label in HEADLINE.get(path.stem, [(k, k) for k in list(headline)[:6]]):
+            if key in headline:
+                rows.append(f"| {path.stem} | {data} | {label} | {_fmt(headline[key])} |")
+    return (f"Profile **{profile}**; every number is read from the metrics JSON its notebook wrote "
+            f"(`build/{profile}/metrics/`).\n\n" + "\n".join(rows) + "\n")
 
 
 def model_card_markdown(profile: str) -> str:
@@ -125,7 +132,7 @@ def stage(profile: str) -> list[Path]:
         cells = nb["cells"]
         if synthetic_by_nb.get(nb_path.stem):
             cells.insert(1 if cells and cells[0]["cell_type"] == "markdown" else 0,
-                         {"cell_type": "markdown", "metadata": {}, "source": SYNTHETIC_BANNER})
+                         {"cell_type": "markdown", "id": "synthetic-banner", "metadata": {}, "source": SYNTHETIC_BANNER})
         # papermill's injected-parameters cell is an implementation detail: hide it on the page
         for c in cells:
             tags = c.get("metadata", {}).get("tags", [])
@@ -160,6 +167,8 @@ def _qmd_to_html_body(path: Path) -> tuple[str, str]:
         text = text[m.end():]
     text = _INCLUDE.sub(lambda mm: (config.ROOT / mm.group(1)).read_text(encoding="utf-8")
                         if (config.ROOT / mm.group(1)).exists() else "", text)
+    # Quarto turns links to .qmd/.ipynb pages into .html links; the fallback does the same
+    text = re.sub(r"\]\(([^)\s]+?)\.(?:qmd|ipynb)(#[^)]*)?\)", lambda mm: f"]({Path(mm.group(1)).name}.html{mm.group(2) or ''})", text)
     text = re.sub(r"^:::\s*\{\.callout-(\w+)\}\s*$", r'<div class="callout callout-\1">', text, flags=re.M)
     text = re.sub(r"^:::\s*$", "</div>", text, flags=re.M)
     # raw HTML blocks must be separated from Markdown for mistune

@@ -115,7 +115,11 @@ def test_site_renders_with_nbconvert(nbdir, tmp_path, monkeypatch):
     assert "SYNTHETIC DATA" in "".join(first["cells"][1]["source"])
     assert "SYNTHETIC DATA" not in json.dumps(json.loads(staged[1].read_text()))
     head = (build / "report" / "_headline.md").read_text()
-    assert "| 01_first | synthetic stand-in | accuracy | 0.500 |" in head
+    assert "| 01_first | synthetic stand-in | accuracy | 0.500 |" in head  # no curated list: first keys shown
+    write_json(config.metrics_dir("smoke") / "03_image_branch.json",
+               {"synthetic": False, "headline": {"macro_f1": 0.9751, "noise": 1.0}})
+    head = site.headline_markdown("smoke")
+    assert "| 03_image_branch | real | macro-F1, 5 classes (test) | 0.975 |" in head and "noise" not in head
     out = tmp_path / "site"
     out.mkdir()
     site.render_nbconvert(staged, out)
