@@ -3,9 +3,12 @@
 The model is the original's: image embedding (``image_embedding``, Dense 512 of the image branch)
 and tabular embedding (``tabular_embedding``, Dense 64 of an MLP on the preprocessed risk factors)
 are concatenated and fed to a fully connected classifier with a sigmoid output named ``risk``;
-binary cross-entropy, Adam lr 1e-4, dropout 0.3 in both branches, early stopping (on validation
-AUC, restoring the best weights: with a rare positive class accuracy hardly moves; see
-:mod:`lib.tabular`).  The saved model is **one flat Keras functional graph** with two inputs,
+binary cross-entropy, Adam lr 1e-4, dropout 0.3 in both branches, balanced class weights, early
+stopping on the validation loss with the best weights restored (the original stopped on validation
+accuracy, which hardly moves when one class dominates).  Each branch first learns from its own data:
+the image branch in notebook 03, the tabular branch (:func:`fit_tabular_branch`) on the UCI training
+records; the fusion heads keep the tabular tower frozen and learn how to combine the two embeddings
+from the pairs of :mod:`lib.pairing`.  The saved model is **one flat Keras functional graph** with two inputs,
 ``image`` (raw 0..255 RGB) and ``tabular`` (features from the saved preprocessor); the image
 branch's layers, ``top_activation`` included, sit directly in it, so Grad-CAM can reach them.
 
@@ -20,8 +23,8 @@ Two training modes (:data:`TRAINING_MODES`):
     (:func:`image_embeddings`), a head with an ``image_features`` input is trained on those
     (:func:`build_head`, :func:`fit_head`; thousands of samples/s), and :func:`assemble` then builds
     the flat two-input graph from the image branch's layers and the same head graph carrying **the
-    trained head's weights** (copied layer by layer).  The assembled model gives the same predictions as the head on the
-    cached embeddings (tested).  The image branch is not changed by fusion in this mode.
+    trained head's weights** (copied layer by layer).  The assembled model gives the same predictions
+    as the head on the cached embeddings (tested).  The image branch is not changed in this mode.
 
 Head kinds (:data:`KINDS`) give the ablation: ``"image"`` (image embedding only), ``"tabular"``
 (tabular MLP only), ``"fused"`` (concatenation, the original) and ``"attention"`` (the original's
@@ -269,13 +272,17 @@ def image_embeddings(image_branch, table, image_size: int | None = None, chunk: 
     return np.concatenate(out, axis=0).astype("float32") if out else np.zeros((0, emb.output.shape[-1]), "float32")
 
 
-def predict_raw(model, x, batch_size: int = 256) -> np.ndarray:
+def predict_raw(model, x, batch_size: int | None = None) -> np.ndarray:
     """``model(x, training=False)`` in batches, as NumPy (``x``: an array or a list of arrays).
 
     A direct call rather than ``model.predict``: no per-model ``tf.function`` tracing (seconds each on
-    these machines) and no retracing warnings when many small models are evaluated.
+    these machines) and no retracing warnings when many small models are evaluated.  ``batch_size``
+    defaults to 32 when an input is a batch of images (eager EfficientNet at 224 px holds every
+    activation of the batch: about 20 GB for 256 images, 3.4 GB for 32) and 1024 otherwise.
     """
     xs = x if isinstance(x, (list, tuple)) else [x]
+    if batch_size is None:
+        batch_size = 32 if any(np.ndim(a) == 4 for a in xs) else 1024
     n = len(xs[0])
     outs = []
     for i in range(0, n, batch_size):
@@ -993,6 +1000,6 @@ def model_card(*, synthetic: bool, image_source: str, uci_summary: dict, pairing
             "shows it vanishes. It is not evidence that the modalities complement each other.",
             "The risk factors alone predict biopsy with AUC about 0.65-0.69; the leaky screening columns "
             "(Hinselmann, Schiller, Citology) are excluded.",
-            "Few positive biopsies (55): confidence intervals are wide and positive records are reused many times.",
+            "Few positive biopsies (54 after removing duplicate rows): confidence intervals are wide and positive records are reused many times.",
         ] + (["Trained on SYNTHETIC images: the image numbers describe the stand-in, not SIPaKMeD."] if synthetic else []),
     }

@@ -289,6 +289,9 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
 
 
 def main(argv=None) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a command line tool: no TensorFlow start-up chatter
     ap = argparse.ArgumentParser(prog="cervical-kit-infer", description=__doc__.splitlines()[0].strip("`: "),
                                  epilog="Teaching tool: not for clinical use.")
     ap.add_argument("image", help="a cell image (bmp, png, jpg, tif)")
