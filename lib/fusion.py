@@ -818,7 +818,8 @@ def pairing_lesson(res: AblationResult) -> dict:
     ``screening_gain``: the same with the screening columns (the original's likely setup);
     ``*_error_share``: the share of the shuffled model's ranking errors (1 - AUC) that label-conditioned
     pairing removes - AUC cannot exceed 1, so with a near-perfect image branch an absolute gain is
-    capped while this share is not; ``tabular_only_shuffled``: the shuffled tabular side on its own.
+    capped while this share is not; ``tabular_only_shuffled``: the shuffled tabular side on its own;
+    ``tabular_information_manufactured``: tabular-only AUC under label-conditioned minus shuffled pairing.
     """
     a = res.averaged
 
@@ -838,6 +839,9 @@ def pairing_lesson(res: AblationResult) -> dict:
         out["tabular_only_shuffled"] = float(a["tabular only, shuffled pairing"]["auc"])
     if "tabular only" in a:
         out["tabular_only"] = float(a["tabular only"]["auc"])
+    if "tabular only" in a and "tabular only, shuffled pairing" in a:
+        # what the risk factors "know" about a cell image, created by the pairing alone
+        out["tabular_information_manufactured"] = out["tabular_only"] - out["tabular_only_shuffled"]
     return out
 
 

@@ -354,3 +354,13 @@ def test_pairing_inputs_keys_and_draws():
     _, xt = lc.inputs("fused", "test", None)
     assert len(xt) == 4 * m.sum()
     assert fusion.repairing_seeds(1, 3) == [1001, 1002, 1003]
+
+
+def test_pairing_lesson_measures_manufactured_tabular_information():
+    from types import SimpleNamespace
+
+    auc = {"fused": 0.99, "fused, shuffled pairing": 1.0, "image only": 0.98,
+           "tabular only": 0.78, "tabular only, shuffled pairing": 0.49}
+    lesson = fusion.pairing_lesson(SimpleNamespace(averaged={k: {"auc": v} for k, v in auc.items()}))
+    assert lesson["tabular_information_manufactured"] == pytest.approx(0.29)
+    assert lesson["fusion_gain"] == pytest.approx(-0.01)  # a near-perfect image branch leaves nothing to gain
