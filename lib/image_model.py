@@ -32,10 +32,10 @@ from .input_pipeline import augmentation_layers
 HEAD_LAYERS = ("avg_pool", "head_dropout_1", "image_embedding", "head_dropout_2", "class_probs")
 LEARNING_RATE = 1e-4  # the published recipe's Adam learning rate (regularized recipe)
 NAIVE_LEARNING_RATE = 1e-3  # Keras's Adam default: what a first attempt uses
-UNFREEZE_FROM = "block6a"  # regularized recipe: blocks 6-7 and top_conv fine-tuned, blocks 1-5 frozen
+UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c, 6d, 7a) and top_conv fine-tuned
 
 # Naive-recipe settings per profile, used when config.PROFILES has no ``naive_epochs`` /
-# ``naive_train_images``.  Full fine-tuning costs ~4x top-layer training (DESIGN.md 5), so in the full
+# ``naive_train_images``.  Full fine-tuning costs ~7x top-block training on cached activations, so in the full
 # profile the naive run trains on a stratified subset of the training split (documented in notebook 02).
 NAIVE_KEYS = ("naive_epochs", "naive_train_images")  # defaults live in lib.config.PROFILES
 
@@ -140,6 +140,7 @@ class Recipe:
     callbacks: list = field(default_factory=list)
     class_weight: dict | None = None
     settings: dict = field(default_factory=dict)
+    lr: float = NAIVE_LEARNING_RATE  # Adam learning rate the model was compiled with
 
     @property
     def fit_kwargs(self) -> dict:
@@ -180,7 +181,7 @@ def naive_recipe(n_classes: int, backbone: str = "efficientnet_lite0", image_siz
     for layer in model.layers:  # per layer: model.trainable=True is a no-op when already True
         layer.trainable = True
     _compile(model, lr, dist)
-    return Recipe("naive", model, callbacks=[], class_weight=None, settings=dict(
+    return Recipe("naive", model, callbacks=[], class_weight=None, lr=lr, settings=dict(
         augmentation=False, dropout=0.0, trainable="all layers (BatchNorm too)", early_stopping=False,
         class_weight=None, optimizer=f"Adam lr={lr:g}", loss="sparse categorical cross-entropy"))
 
@@ -190,7 +191,7 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
                        lr: float = LEARNING_RATE, patience: int = 3, unfreeze_from: str = UNFREEZE_FROM) -> Recipe:
     """The published recipe: augmentation, dropout ``dropout`` (0.2-0.3), lower blocks frozen and the top
     blocks fine-tuned with BatchNorm frozen (:func:`lib.backbones.unfreeze_top` from ``unfreeze_from``, a
-    block prefix such as ``"block6a"`` or a layer name), Adam ``lr``, EarlyStopping on ``val_accuracy``
+    block prefix such as ``"block6c"`` or a layer name), Adam ``lr``, EarlyStopping on ``val_accuracy``
     restoring the best weights, and balanced class weights when ``train_labels`` are unbalanced
     (:func:`class_weights`)."""
     import keras
@@ -218,7 +219,7 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
     stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience,
                                          restore_best_weights=True)
     summary = trainable_summary(model)
-    return Recipe("regularized", model, callbacks=[stop], class_weight=cw, settings=dict(
+    return Recipe("regularized", model, callbacks=[stop], class_weight=cw, lr=lr, settings=dict(
         augmentation=True, dropout=float(dropout),
         trainable=f"top of the backbone from {summary['first_trainable_backbone_layer']} + head, BatchNorm frozen",
         early_stopping=f"val_accuracy, patience {patience}, restore best weights",

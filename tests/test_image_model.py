@@ -29,7 +29,7 @@ def test_naive_settings_come_from_the_profile():
     from lib import config
 
     assert im.naive_settings(config.run_params("smoke")) == {"naive_epochs": 8, "naive_train_images": None}
-    assert im.naive_settings({"profile": "full"}) == {"naive_epochs": 8, "naive_train_images": 800}
+    assert im.naive_settings({"profile": "full"}) == {"naive_epochs": 6, "naive_train_images": 500}
     assert im.naive_settings({"profile": "full", "naive_epochs": 3})["naive_epochs"] == 3
 
 
@@ -80,7 +80,8 @@ def test_regularized_recipe_freezes_lower_blocks_and_all_batchnorm():
     bns = [layer for layer in m.layers if im.is_batchnorm(layer)]
     assert bns and not any(layer.trainable for layer in bns)
     assert not m.get_layer("stem_conv").trainable and not m.get_layer("block5a_expand_conv").trainable
-    assert m.get_layer("block6a_expand_conv").trainable and m.get_layer("top_conv").trainable
+    assert not m.get_layer("block6b_expand_conv").trainable
+    assert m.get_layer("block6c_expand_conv").trainable and m.get_layer("top_conv").trainable
     assert all(m.get_layer(n).trainable for n in ("image_embedding", "class_probs"))
     assert r.class_weight is not None and r.class_weight[1] > r.class_weight[0]
     assert any(type(c).__name__ == "EarlyStopping" and c.monitor == "val_accuracy" for c in r.callbacks)
