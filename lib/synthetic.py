@@ -96,6 +96,7 @@ corresponding files of the full set.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -106,6 +107,10 @@ from pathlib import Path
 import numpy as np
 
 GENERATOR_VERSION = 1
+# The drawing code itself, hashed: a cached set drawn by an older version of this file is redrawn, even
+# when nobody remembered to bump GENERATOR_VERSION (that happened once: results then differed between
+# a checkout with an old cache and a fresh clone).
+GENERATOR_SHA = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 MARKER_NAME = "SYNTHETIC.txt"
 CLASSES = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate")
 ABNORMAL_CLASSES = ("Dyskeratotic", "Koilocytotic")
@@ -749,7 +754,7 @@ def make_synthetic_sipakmed(out_root, seed: int = 42, clusters_per_class: int | 
     ``SYNTHETIC.txt`` (seed, parameters, generator version) is written last.
 
     Idempotent: when ``out_root`` already holds a complete set made with the same
-    parameters nothing is redrawn. Otherwise the set is drawn into a temporary
+    parameters and the same drawing code (:data:`GENERATOR_SHA`) nothing is redrawn. Otherwise the set is drawn into a temporary
     sibling folder and renamed into place, so an interrupted run never leaves a
     partial folder that looks complete. An existing ``out_root`` is replaced only
     if it is empty or is itself a synthetic set (has ``SYNTHETIC.txt``); anything
@@ -762,7 +767,8 @@ def make_synthetic_sipakmed(out_root, seed: int = 42, clusters_per_class: int | 
     out_root = Path(out_root).expanduser().absolute()
     seed = _check_seed(seed)
     k = _check_k(clusters_per_class)
-    params = {"clusters_per_class": k, "generator_version": GENERATOR_VERSION, "seed": seed}
+    params = {"clusters_per_class": k, "generator_sha": GENERATOR_SHA, "generator_version": GENERATOR_VERSION,
+              "seed": seed}
     table = synthetic_file_table(k)
 
     def complete(root: Path) -> bool:

@@ -87,7 +87,8 @@ def test_marker_content(small_set):
     assert mk["seed"] == "7" and mk["clusters_per_class"] == str(K)
     assert mk["generator_version"] == str(S.GENERATOR_VERSION)
     assert mk["n_images"] == str(len(S.synthetic_file_table(K)))
-    assert mk["params"] == {"clusters_per_class": K, "generator_version": S.GENERATOR_VERSION, "seed": 7}
+    assert mk["params"] == {"clusters_per_class": K, "generator_sha": S.GENERATOR_SHA,
+                            "generator_version": S.GENERATOR_VERSION, "seed": 7}
     some = next(iter(_bmps(small_set).values()))
     assert S.find_marker(some) == small_set / S.MARKER_NAME
     assert S.find_marker(small_set.parent) is None
@@ -122,6 +123,18 @@ def test_second_call_does_not_rewrite_but_new_parameters_do(tmp_path):
     assert S.read_marker(root)["seed"] == "2"
     assert (root / S.MARKER_NAME).stat().st_mtime_ns != 1
     assert not list(tmp_path.glob(".s.synth-*"))
+
+
+def test_a_set_drawn_by_other_drawing_code_is_redrawn(tmp_path, monkeypatch):
+    root = S.make_synthetic_sipakmed(tmp_path / "s", seed=1, clusters_per_class=1)
+    some = sorted(root.rglob("*.bmp"))[0]
+    good = some.read_bytes()
+    some.write_bytes(good[:-7] + bytes(7))  # what an older generator's pixels look like to the cache
+    # same GENERATOR_VERSION, other code: the set must be redrawn, not trusted
+    monkeypatch.setattr(S, "GENERATOR_SHA", "0" * 16)
+    S.make_synthetic_sipakmed(root, seed=1, clusters_per_class=1)
+    assert S.read_marker(root)["params"]["generator_sha"] == "0" * 16
+    assert some.read_bytes() == good
 
 
 def test_interrupted_run_leaves_no_complete_looking_folder(tmp_path, monkeypatch):
