@@ -10,6 +10,11 @@ notebooks  runs notebooks 02 and 03 with papermill (default: the full profile) a
 
     .venv/bin/python benchmarks/bench_image_branch.py features [--n-images 256 --image-size 224]
     .venv/bin/python benchmarks/bench_image_branch.py notebooks [--profile full] [--param image_size=128 ...]
+    .venv/bin/python benchmarks/bench_image_branch.py notebooks --from-build CLONE/build
+
+``--from-build`` records 02 and 03 from a pipeline run that already happened (its ``<profile>/notebooks/*.stamp.json``
+wall time and kernel peak RSS, and its metrics), e.g. the clone ``bench_report.py --profile full --keep`` leaves,
+instead of running them again.
 
 ``--param`` goes to both notebooks (``epochs`` also sets notebook 02's naive epochs).  The JSON records
 the 1-minute load average at the start: on a shared machine wall times are upper bounds.
@@ -138,11 +143,23 @@ def bench_notebooks(args) -> dict:
     out_dir = OUT_DIR / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {}
+    source = "this run"
+    if args.from_build:
+        run_dir = Path(args.from_build) / args.profile
+        stamps = {stem: run_dir / "notebooks" / f"{stem}.stamp.json" for stem in NOTEBOOKS}
+        missing = [str(p) for p in stamps.values() if not p.exists()]
+        if missing:
+            raise SystemExit(f"--from-build: no pipeline record {missing}; run the pipeline there first")
+        source = f"pipeline run in {run_dir}"
     for stem in NOTEBOOKS:
-        nb = ROOT / "notebooks" / f"{stem}.ipynb"
-        print(f"running {stem} with {params} ...", flush=True)
-        stats = pipeline.run_notebook(nb, out_dir / f"{stem}.ipynb", params)
-        m = read_json(config.metrics_dir(args.profile) / f"{stem}.json")
+        if args.from_build:
+            stats = read_json(stamps[stem])
+            m = read_json(run_dir / "metrics" / f"{stem}.json")
+        else:
+            nb = ROOT / "notebooks" / f"{stem}.ipynb"
+            print(f"running {stem} with {params} ...", flush=True)
+            stats = pipeline.run_notebook(nb, out_dir / f"{stem}.ipynb", params)
+            m = read_json(config.metrics_dir(args.profile) / f"{stem}.json")
         h = m["history"]
         n_eval = m.get("n_val", 0) * h["epochs_run"] + m.get("n_test", 0)
         runs[stem] = {
@@ -156,7 +173,7 @@ def bench_notebooks(args) -> dict:
               f"training {runs[stem]['train_images_per_s']} img/s", flush=True)
     total = sum(r["wall_s"] for r in runs.values())
     peak = max(r["peak_rss_mb"] for r in runs.values())
-    result = {"params": params, "runs": runs, "total_wall_s": round(total, 1), "peak_rss_mb": peak,
+    result = {"params": params, "source": source, "runs": runs, "total_wall_s": round(total, 1), "peak_rss_mb": peak,
               "budget_s": BUDGET_SECONDS, "budget_rss_mb": BUDGET_RSS_MB,
               "within_budget": total < BUDGET_SECONDS and peak < BUDGET_RSS_MB,
               "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -221,6 +238,7 @@ def main(argv=None) -> int:
     n = sub.add_parser("notebooks", help="papermill 02 and 03: wall time, peak RSS, images/s")
     n.add_argument("--profile", default="full")
     n.add_argument("--param", action="append", help="extra notebook parameter, key=value (Python literal)")
+    n.add_argument("--from-build", default=None, help="a build folder whose pipeline already ran 02 and 03: record those")
     args = ap.parse_args(argv)
     if getattr(args, "weights", None) == "None":
         args.weights = None
