@@ -102,6 +102,7 @@ PROFILES: dict[str, dict] = {
         tabular_cv_repeats=1,
         tabular_epochs=30,
         bootstrap=200,
+        gradcam_check_images=None,  # notebook 06: Grad-CAM checks on every test image
     ),
     # the real thing: every image, 224 px
     "full": dict(
@@ -117,6 +118,7 @@ PROFILES: dict[str, dict] = {
         tabular_cv_repeats=5,
         tabular_epochs=200,
         bootstrap=1000,
+        gradcam_check_images=200,   # notebook 06: each check is several Grad-CAM passes; a stratified sample
     ),
 }
 

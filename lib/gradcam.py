@@ -722,3 +722,143 @@ def class_gallery(images, heatmaps, y_true, y_pred, classes, probs=None, per_cla
     fig = gallery_figure(ims, hms, titles, ncols=2 * per_class, row_labels=labels, suptitle=suptitle, **kwargs)
     sel = sel.assign(true_class=[classes[i] for i in sel["true"]], pred_class=[classes[i] for i in sel["pred"]])
     return fig, sel
+
+
+# --------------------------------------------------------------------------- notebook 06's steps
+def load_explained_model(profile: str, image_size: int | None = None, backbone: str | None = None, models_dir=None):
+    """The image branch notebook 03 saved for ``profile``, checked against the notebook's parameters.
+
+    Raises ``FileNotFoundError`` (saying how to produce it) when it is missing, ``ValueError`` when
+    ``image_size`` / ``backbone`` are given and differ from the saved model's: explaining a model
+    trained some other way would explain the wrong model.
+    """
+    from . import config, image_model
+
+    path = Path(models_dir) / "image_branch.keras" if models_dir else config.models_dir(profile) / "image_branch.keras"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found. Notebook 06 explains the image branch that notebook 03 trains and saves: run "
+            f"notebooks/03_image_branch.ipynb first with the same profile ({profile!r}), e.g. `papermill "
+            f"notebooks/03_image_branch.ipynb build/{profile}/notebooks/03_image_branch.ipynb -p profile {profile}`, "
+            "or `make report`, which runs the notebooks in order.")
+    model = image_model.load_model(path)
+    size = int(model.inputs[0].shape[1])
+    if image_size is not None and image_size != size:
+        raise ValueError(f"parameter 'image_size': {image_size} px, but the saved model takes {size} px; "
+                         "leave it None or retrain with notebook 03")
+    if backbone is not None and not model.name.endswith(backbone):
+        raise ValueError(f"parameter 'backbone': {backbone!r}, but the saved model is {model.name!r}; "
+                         "leave it None or retrain with notebook 03")
+    return model
+
+
+def explained_test_split(dataset, n_classes: int, seed: int, record=None):
+    """The test rows notebook 03 held out (same grouped split, same seed), index reset.
+
+    ``record``: notebook 03's metrics dict (its ``classes`` and ``n_test``), checked when given, so a
+    different dataset or seed is an error rather than a quietly different test set.
+    """
+    from . import splits
+
+    classes = list(dataset.classes)
+    if len(classes) != n_classes:
+        raise ValueError(f"the dataset has {len(classes)} classes {classes} but the saved model predicts {n_classes}: "
+                         "was notebook 03 run on other data? Rerun it with the same data_source / data_dir")
+    table = splits.grouped_split(dataset.table, seed=seed)
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    if record is not None and (record.get("classes", classes) != classes or record.get("n_test", len(test)) != len(test)):
+        raise ValueError(f"test split differs from notebook 03's ({record.get('n_test')} images, classes "
+                         f"{record.get('classes')}) vs here ({len(test)}, {classes}): use the same data_source, "
+                         "data_dir, seed and n_per_class")
+    return test
+
+
+def save_gallery_pngs(folder, images, heatmaps, selection, classes, synthetic: bool = False) -> list[str]:
+    """One overlay PNG per example of :func:`class_gallery`'s ``selection``: ``gradcam_<class>_<n>.png``.
+
+    Earlier PNGs of that pattern (for these classes) are removed first, so the folder never mixes
+    runs.  Returns the file names in ``selection`` order.
+    """
+    import re
+
+    folder = Path(folder)
+    slugs = [slug(c) for c in classes]
+    pattern = re.compile(r"gradcam_(" + "|".join(map(re.escape, slugs)) + r")_\d+\.png$")
+    for old in folder.iterdir():
+        if pattern.fullmatch(old.name):
+            old.unlink()
+    names, seen = [], {}
+    for row in selection.itertuples():
+        n = seen.get(row.true, 0)
+        seen[row.true] = n + 1
+        path = save_overlay_png(folder / f"gradcam_{slugs[row.true]}_{n}.png", images[row.index],
+                                heatmaps[row.index], synthetic=synthetic)
+        names.append(path.name)
+    return names
+
+
+def agreement_table(pairs: dict, labels):
+    """Spearman agreement per image for each ``{column: (maps_a, maps_b)}``, and its per-class summary.
+
+    Returns ``(per_image, summary)``: ``summary`` has one row per label (mean), a row ``"all test
+    images"`` and an ``images`` count column.
+    """
+    import pandas as pd
+
+    per_image = pd.DataFrame({"class": np.asarray(labels), **{k: agreement(a, b) for k, (a, b) in pairs.items()}})
+    summary = per_image.groupby("class").mean()
+    summary.loc["all test images"] = per_image.drop(columns="class").mean()
+    counts = per_image.groupby("class").size().reindex(summary.index).fillna(len(per_image)).astype(int)
+    summary.insert(0, "images", counts)
+    return per_image, summary
+
+
+def explain_fusion(path, images, branch_maps, batch_size: int = 32):
+    """Grad-CAM of the fusion model's ``risk`` through its image input, tabular input at zeros.
+
+    Zeros are the training mean after the fitted scaler ("an average risk-factor profile").  Returns
+    ``None`` when ``path`` does not exist, else a dict: ``risk`` (n,), ``tape`` and ``tfkv`` maps, and
+    ``summary`` (tape vs tf-keras-vis and image-branch vs fusion mean Spearman, JSON-ready).
+    """
+    from .fusion import load_hybrid
+
+    if not Path(path).exists():
+        return None
+    fusion = load_hybrid(path, compile=False)
+    n_tab = int({t.name: t for t in fusion.inputs}["tabular"].shape[-1])
+    feed = {"image": np.asarray(images), "tabular": np.zeros((len(images), n_tab), np.float32)}
+    risk = predict(fusion, inputs=feed, batch_size=batch_size).reshape(-1)
+    tape = gradcam_tape(fusion, None, target=None, inputs=feed)   # target None: the risk score
+    tfkv = gradcam_tfkv(fusion, None, target=None, inputs=feed)   # expand_cam=False inside
+    summary = dict(tape_vs_tfkv_spearman=float(np.nanmean(agreement(tape, tfkv))),
+                   branch_vs_fusion_spearman=float(np.nanmean(agreement(branch_maps, tape))),
+                   n_images=int(len(images)), tabular_input="zeros (training mean after standardisation)")
+    return dict(risk=risk, tape=tape, tfkv=tfkv, summary=summary)
+
+
+def stratified_sample(labels, n: int | None, seed: int = 42) -> np.ndarray:
+    """Sorted indices of at most ``n`` items, each label's share kept (largest remainders), seeded.
+
+    ``None`` or ``n >= len(labels)``: every index.  Every label present keeps at least one item when
+    ``n`` allows, so per-class tables stay complete.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n is None or n >= total:
+        return np.arange(total)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"parameter 'n': expected None or a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * n / total
+    take = np.maximum(np.floor(share).astype(int), 1 if n >= len(classes) else 0)
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
+    for i in order:
+        if take.sum() >= n:
+            break
+        take[i] += 1
+    while take.sum() > n:  # the minimum of one per class overshot: trim the largest
+        take[np.argmax(take)] -= 1
+    picked = [rng.choice(np.flatnonzero(labels == c), size=min(k, cnt), replace=False)
+              for c, k, cnt in zip(classes, take, counts)]
+    return np.sort(np.concatenate(picked)).astype(int)

@@ -280,3 +280,67 @@ def test_real_image_branch_graph():
     ref = gradcam.gradcam_tfkv(model, x, target=[0, 1, 2], expand_cam=False)
     assert tape.shape == (3, 64, 64)
     assert np.nanmean(gradcam.agreement(tape, ref)) > 0.99
+
+
+# --------------------------------------------------------------------------- notebook 06's steps
+def test_save_gallery_pngs_numbers_per_class_and_clears_old_runs(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "gradcam_b_7.png").write_bytes(b"stale")       # an older run's file: removed
+    (tmp_path / "gradcam_other_0.png").write_bytes(b"keep")     # not one of these classes: kept
+    y = np.array([0, 0, 1, 1, 1])
+    pred = np.array([0, 1, 1, 1, 0])
+    sel = gradcam.select_examples(y, pred, 2, per_class=2)
+    images = np.random.default_rng(0).uniform(0, 255, (5, 8, 8, 3))
+    names = gradcam.save_gallery_pngs(tmp_path, images, np.random.default_rng(1).uniform(size=(5, 8, 8)), sel,
+                                      ["a", "b"])
+    assert names == ["gradcam_a_0.png", "gradcam_a_1.png", "gradcam_b_0.png", "gradcam_b_1.png", "gradcam_b_2.png"]
+    assert not (tmp_path / "gradcam_b_7.png").exists() and (tmp_path / "gradcam_other_0.png").read_bytes() == b"keep"
+    with Image.open(tmp_path / names[0]) as im:
+        assert im.format == "PNG"
+
+
+def test_agreement_table_per_class_means_and_total():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(size=(4, 5, 5))
+    tbl, summary = gradcam.agreement_table({"same": (a, a), "reversed": (a, -a)}, labels=["x", "x", "y", "y"])
+    assert list(tbl.columns) == ["class", "same", "reversed"] and len(tbl) == 4
+    assert list(summary.index) == ["x", "y", "all test images"]
+    assert list(summary["images"]) == [2, 2, 4]
+    np.testing.assert_allclose(summary["same"], 1.0)
+    np.testing.assert_allclose(summary["reversed"], -1.0)
+
+
+def test_notebook06_inputs_missing_or_mismatched_give_clear_errors(tmp_path):
+    import pandas as pd
+
+    from lib.image_data import ImageDataset
+
+    with pytest.raises(FileNotFoundError, match="run notebooks/03_image_branch.ipynb first"):
+        gradcam.load_explained_model("smoke", models_dir=tmp_path)
+    assert gradcam.explain_fusion(tmp_path / "hybrid_cervical_model.keras", np.zeros((1, 8, 8, 3)), None) is None
+    table = pd.DataFrame({"path": [f"{i}.bmp" for i in range(20)], "label": ["a", "b"] * 10,
+                          "label_idx": [0, 1] * 10, "group": [f"a_{i // 2:03d}" for i in range(20)]})
+    ds = ImageDataset(table=table, classes=["a", "b"], abnormal_classes=["b"], source="test", root=tmp_path)
+    with pytest.raises(ValueError, match="saved model predicts 3"):
+        gradcam.explained_test_split(ds, 3, seed=42)
+    test = gradcam.explained_test_split(ds, 2, seed=42)
+    assert len(test) > 0 and list(test.index) == list(range(len(test)))
+    assert len(gradcam.explained_test_split(ds, 2, seed=42, record={"classes": ["a", "b"], "n_test": len(test)})) == len(test)
+    with pytest.raises(ValueError, match="test split differs from notebook 03's"):
+        gradcam.explained_test_split(ds, 2, seed=42, record={"classes": ["a", "b"], "n_test": len(test) + 1})
+
+
+def test_stratified_sample_keeps_shares_and_is_seeded():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    idx = gradcam.stratified_sample(y, 10, seed=1)
+    assert len(idx) == 10 and len(set(idx)) == 10 and list(idx) == sorted(idx)
+    assert np.bincount(y[idx]).tolist() == [5, 3, 2]
+    np.testing.assert_array_equal(idx, gradcam.stratified_sample(y, 10, seed=1))
+    assert not np.array_equal(idx, gradcam.stratified_sample(y, 10, seed=2))
+    np.testing.assert_array_equal(gradcam.stratified_sample(y, None), np.arange(100))
+    np.testing.assert_array_equal(gradcam.stratified_sample(y, 500), np.arange(100))
+    rare = np.array([0] * 98 + [1, 2])
+    assert set(rare[gradcam.stratified_sample(rare, 5, seed=0)]) == {0, 1, 2}  # every class kept
+    with pytest.raises(ValueError, match="'n'"):
+        gradcam.stratified_sample(y, 0)
