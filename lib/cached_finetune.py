@@ -146,7 +146,7 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     """
     import keras
 
-    from .image_model import _epoch_logger_class
+    from .image_model import _epoch_logger_class, strategy
 
     if not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
@@ -161,8 +161,9 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     cw = recipe.class_weight
     sw = None if cw is None else np.asarray([cw[int(c)] for c in y], np.float32)
     seq = _view_sequence_class()(train_acts, y, batch_size, sw, seed)
-    top.compile(optimizer=keras.optimizers.Adam(learning_rate=recipe.lr), loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"], jit_compile=False)
+    with strategy().scope():  # the same strategy the model's variables were made under (several GPUs: mirrored)
+        top.compile(optimizer=keras.optimizers.Adam(learning_rate=recipe.lr), loss="sparse_categorical_crossentropy",
+                    metrics=["accuracy"], jit_compile=False)
     cbs = list(recipe.callbacks)
     if log:
         cbs.append(_epoch_logger_class()(int(epochs)))
