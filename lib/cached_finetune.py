@@ -144,14 +144,11 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     Returns the same history dict as :func:`lib.image_model.train` plus ``views``, ``cut_layer``,
     ``cache_seconds`` (computing the views) and ``cache_mb``; ``fit_seconds`` covers both.
     """
-    import keras
+    from .image_model import _compile, check_epochs, fit_history
 
-    from .image_model import _epoch_logger_class, strategy
-
-    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
     if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
         raise ValueError(f"parameter 'views': expected an integer >= 1 (augmented views per image), got {views!r}")
+    check_epochs(epochs)  # before minutes of caching, not after
     augmenter, bottom, top, cut = split_model(recipe.model)
     t0 = time.perf_counter()
     train_acts = compute_views(augmenter, bottom, train_table, image_size, batch_size, views, progress)
@@ -161,22 +158,10 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     cw = recipe.class_weight
     sw = None if cw is None else np.asarray([cw[int(c)] for c in y], np.float32)
     seq = _view_sequence_class()(train_acts, y, batch_size, sw, seed)
-    with strategy().scope():  # the same strategy the model's variables were made under (several GPUs: mirrored)
-        top.compile(optimizer=keras.optimizers.Adam(learning_rate=recipe.lr), loss="sparse_categorical_crossentropy",
-                    metrics=["accuracy"], jit_compile=False)
-    cbs = list(recipe.callbacks)
-    if log:
-        cbs.append(_epoch_logger_class()(int(epochs)))
+    _compile(top, recipe.lr)  # under the model's distribution strategy, like the recipe's own compile
     val = (val_acts, val_table["label_idx"].to_numpy().astype(np.int32))
-    h = top.fit(seq, validation_data=val, validation_batch_size=batch_size, epochs=int(epochs), callbacks=cbs,
-                verbose=0)
-    seconds = time.perf_counter() - t0
-    hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
-    n_run = len(hist["loss"])
-    restored = any(isinstance(c, keras.callbacks.EarlyStopping) and c.restore_best_weights
-                   and c.best_weights is not None for c in cbs)
-    hist.update(epochs_run=n_run, best_epoch=int(np.argmax(hist["val_accuracy"])) + 1, restored_best=bool(restored),
-                fit_seconds=round(seconds, 2), cache_seconds=round(cache_s, 2), views=int(views), cut_layer=cut,
-                cache_mb=round((train_acts.nbytes + val_acts.nbytes) / 2**20, 3),
-                train_images_per_s=round(len(y) * n_run / seconds, 1))
+    hist = fit_history(top, seq, epochs, recipe.callbacks, log=log, n_train=len(y), started=t0,
+                       validation_data=val, validation_batch_size=batch_size)
+    hist.update(cache_seconds=round(cache_s, 2), views=int(views), cut_layer=cut,
+                cache_mb=round((train_acts.nbytes + val_acts.nbytes) / 2**20, 3))
     return hist

@@ -274,16 +274,33 @@ def train(model, train_ds, val_ds, epochs: int, callbacks=None, class_weight=Non
     (True when EarlyStopping put the best epoch's weights back, so the model *is* that epoch),
     ``fit_seconds`` and, with ``n_train``, ``train_images_per_s``.
     """
+    return fit_history(model, train_ds, epochs, callbacks, log=log, n_train=n_train, validation_data=val_ds,
+                       class_weight=class_weight, shuffle=False)  # training datasets shuffle themselves
+
+
+def check_epochs(epochs) -> int:
+    """``epochs`` as an int, or ``ValueError`` naming the parameter."""
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
+    return int(epochs)
+
+
+def fit_history(model, data, epochs: int, callbacks=None, log: bool = True, n_train: int | None = None,
+                started: float | None = None, **fit_kwargs) -> dict:
+    """``model.fit(data, epochs=epochs, verbose=0, **fit_kwargs)`` -> :func:`train`'s history dict.
+
+    The one place a fit becomes a record, for :func:`train` and :func:`lib.cached_finetune.fit_top`.
+    ``started``: a ``time.perf_counter()`` value ``fit_seconds`` counts from (default: now), so work
+    done for the fit before it (e.g. caching activations) is part of its cost.
+    """
     import keras
 
-    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
+    check_epochs(epochs)
     cbs = list(callbacks or [])
     if log:
         cbs.append(_epoch_logger_class()(int(epochs)))
-    t0 = time.perf_counter()
-    h = model.fit(train_ds, validation_data=val_ds, epochs=int(epochs), callbacks=cbs,
-                  class_weight=class_weight, shuffle=False, verbose=0)  # training datasets shuffle themselves
+    t0 = time.perf_counter() if started is None else started
+    h = model.fit(data, epochs=int(epochs), callbacks=cbs, verbose=0, **fit_kwargs)
     seconds = time.perf_counter() - t0
     hist = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     n_run = len(hist.get("loss", []))

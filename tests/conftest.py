@@ -86,3 +86,20 @@ def tree_snapshot(root) -> dict:
 @pytest.fixture
 def snapshot():
     return tree_snapshot
+
+
+@pytest.fixture(scope="module")
+def three_class(tmp_path_factory):
+    """A folder-per-class dataset with 3 classes (nothing may assume SIPaKMeD's 5)."""
+    from lib import image_data
+
+    root = tmp_path_factory.mktemp("three")
+    rng = np.random.default_rng(0)
+    colours = {"alpha": (200, 60, 60), "beta": (60, 200, 60), "gamma": (60, 60, 200)}
+    for cls, rgb in colours.items():
+        for i in range(7):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            p = root / cls / f"{i:03d}_01.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+    return image_data.load_image_folder(root, abnormal_classes=["gamma"])

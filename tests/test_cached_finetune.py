@@ -3,27 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lib import cached_finetune as cf
 from lib import image_model as im
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def three_class(tmp_path_factory):
-    from lib import image_data
-
-    root = tmp_path_factory.mktemp("three")
-    rng = np.random.default_rng(0)
-    for cls, rgb in {"alpha": (200, 60, 60), "beta": (60, 200, 60), "gamma": (60, 60, 200)}.items():
-        for i in range(6):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
-            p = root / cls / f"{i:03d}_01.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(p)
-    return image_data.load_image_folder(root, abnormal_classes=["gamma"])
 
 
 def _recipe(seed=3, labels=None):
