@@ -116,6 +116,32 @@ def model_card_markdown(profile: str) -> str:
     return "\n".join(out)
 
 
+def collapse_progress(outputs: list) -> list:
+    """Stream outputs as a terminal would show them: consecutive pieces of one stream joined, and of
+    each line only what follows its last carriage return.
+
+    A tqdm bar redraws itself with ``\\r``; JupyterLab overwrites, but a rendered page would list
+    every redraw (hundreds of lines for one progress bar).  Other outputs are kept as they are.
+    """
+    out: list = []
+    for o in outputs:
+        if o.get("output_type") == "stream" and out and out[-1].get("output_type") == "stream" \
+                and out[-1].get("name") == o.get("name"):
+            out[-1] = {**out[-1], "text": _text(out[-1]) + _text(o)}
+        else:
+            out.append(dict(o))
+    for o in out:
+        if o.get("output_type") == "stream":
+            lines = _text(o).split("\n")
+            o["text"] = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines)
+    return out
+
+
+def _text(output) -> str:
+    t = output.get("text", "")
+    return "".join(t) if isinstance(t, list) else t
+
+
 def stage(profile: str) -> list[Path]:
     """Copy the executed notebooks of ``profile`` into ``build/report`` and write the snippets."""
     src = config.run_dir(profile) / "notebooks"
@@ -135,6 +161,8 @@ def stage(profile: str) -> list[Path]:
                          {"cell_type": "markdown", "id": "synthetic-banner", "metadata": {}, "source": SYNTHETIC_BANNER})
         # papermill's injected-parameters cell is an implementation detail: hide it on the page
         for c in cells:
+            if c.get("outputs"):
+                c["outputs"] = collapse_progress(c["outputs"])
             tags = c.get("metadata", {}).get("tags", [])
             if "injected-parameters" in tags and "remove-cell" not in tags:
                 c["metadata"]["tags"] = tags + ["remove-cell"]

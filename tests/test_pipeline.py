@@ -126,3 +126,15 @@ def test_site_renders_with_nbconvert(nbdir, tmp_path, monkeypatch):
     names = sorted(p.name for p in out.glob("*.html"))
     assert names == ["01_first.html", "02_second.html", "data_provenance.html", "index.html", "model_card.html"]
     assert "rendered with nbconvert" in (out / "index.html").read_text()
+
+
+def test_rendered_pages_show_a_progress_bar_once_not_every_redraw():
+    outs = [{"output_type": "stream", "name": "stderr", "text": ["\r", "views 0%|  | 0/9"]},
+            {"output_type": "stream", "name": "stderr", "text": "\rviews 50%|# | 4/9\rviews 100%|##| 9/9\n"},
+            {"output_type": "stream", "name": "stdout", "text": "epoch 1/2\r\nepoch 2/2\n"},
+            {"output_type": "display_data", "data": {"text/plain": "x"}, "metadata": {}}]
+    got = site.collapse_progress(outs)
+    assert [o["output_type"] for o in got] == ["stream", "stream", "display_data"]
+    assert got[0]["text"] == "views 100%|##| 9/9\n"
+    assert got[1]["text"] == "epoch 1/2\nepoch 2/2\n"  # Windows line ends are not redraws
+    assert got[2] == outs[3] and outs[0]["text"] == ["\r", "views 0%|  | 0/9"]  # input untouched
