@@ -25,18 +25,18 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 data: venv
-	$(PY) -m lib.download all $(DATA_ARG)
+	$(PY) -m lib.scaffold.download all $(DATA_ARG)
 
 notebooks: venv
-	$(PY) -m lib.pipeline --profile $(PROFILE) $(DATA_ARG)
+	$(PY) -m lib.report.pipeline --profile $(PROFILE) $(DATA_ARG)
 
 site: venv
-	$(PY) -m lib.site --profile $(PROFILE)
+	$(PY) -m lib.report.site --profile $(PROFILE)
 
 report: notebooks site
 
 check-report: venv
-	$(PY) -m lib.browser_check --site _site --screenshots build/screenshots
+	$(PY) -m lib.report.browser_check --site _site --screenshots build/screenshots
 
 unit: venv
 	$(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of the image branch (targets, not unit tests).  Results: build/benchmarks/image_branch.json + .png
 
-features   throughput of ``lib.features`` (decode from disk + backbone + pooling, tqdm off) versus a bare
+features   throughput of ``lib.image.features`` (decode from disk + backbone + pooling, tqdm off) versus a bare
            ``model.predict`` on the same images already decoded in memory, same model, same run.
            Target: ratio >= 0.8.  Also checks both give the same features, and times a cache hit.
 notebooks  runs notebooks 02 and 03 with papermill (default: the full profile) and records wall time,
@@ -64,7 +64,8 @@ def _update(section: str, payload: dict) -> dict:
 def bench_features(args) -> dict:
     import numpy as np
 
-    from lib import features, image_data, input_pipeline
+    from lib.data import image_data
+    from lib.image import features, input_pipeline
 
     config.seed_everything(args.seed)
     per_class = math.ceil(args.n_images / 5)
@@ -93,7 +94,7 @@ def bench_features(args) -> dict:
             else:
                 out = features.compute_features(model, table, size, bs, progress=False)
                 piped.append(n / (time.perf_counter() - t))
-        print(f"  repeat {r + 1}: bare predict {bare[-1]:.1f} img/s, lib.features {piped[-1]:.1f} img/s")
+        print(f"  repeat {r + 1}: bare predict {bare[-1]:.1f} img/s, lib.image.features {piped[-1]:.1f} img/s")
     max_diff = float(np.abs(ref - out).max())
 
     # end to end through the cache: a miss (model build + compute + atomic write), then a hit
@@ -137,7 +138,7 @@ def _parse_params(items) -> dict:
 
 
 def bench_notebooks(args) -> dict:
-    from lib import pipeline
+    from lib.report import pipeline
 
     params = {"profile": args.profile, **_parse_params(args.param)}
     out_dir = OUT_DIR / "notebooks"
@@ -194,7 +195,7 @@ def draw(data: dict) -> Path:
     if f:
         import numpy as np
 
-        axes[0].bar(["bare predict", "lib.features"], [np.median(f["bare_predict_img_s"]),
+        axes[0].bar(["bare predict", "lib.image.features"], [np.median(f["bare_predict_img_s"]),
                                                         np.median(f["lib_features_img_s"])], color=["grey", "C0"])
         axes[0].set(ylabel="images / s (median of repeats)",
                     title=f"Features, {f['n_images']} images at {f['image_size']} px\nratio {f['ratio_median']:.2f} "
@@ -226,7 +227,7 @@ def draw(data: dict) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    f = sub.add_parser("features", help="lib.features throughput vs bare model.predict")
+    f = sub.add_parser("features", help="lib.image.features throughput vs bare model.predict")
     f.add_argument("--n-images", type=int, default=256)
     f.add_argument("--image-size", type=int, default=224)
     f.add_argument("--batch-size", type=int, default=32)

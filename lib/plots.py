@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import config
-from .atomic import atomic_path
+from lib import config
+from lib.atomic import atomic_path
 
 SYNTHETIC_STAMP = "SYNTHETIC DATA - not SIPaKMeD"
 

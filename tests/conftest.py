@@ -91,7 +91,7 @@ def snapshot():
 @pytest.fixture(scope="module")
 def three_class(tmp_path_factory):
     """A folder-per-class dataset with 3 classes (nothing may assume SIPaKMeD's 5)."""
-    from lib import image_data
+    from lib.data import image_data
 
     root = tmp_path_factory.mktemp("three")
     rng = np.random.default_rng(0)

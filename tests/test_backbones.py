@@ -1,4 +1,4 @@
-"""lib.backbones: flat EfficientNet B0/B1/Lite0 factory, weights options, offline failure, unfreezing."""
+"""lib.image.backbones: flat EfficientNet B0/B1/Lite0 factory, weights options, offline failure, unfreezing."""
 from __future__ import annotations
 
 import warnings
@@ -6,7 +6,9 @@ import warnings
 import numpy as np
 import pytest
 
-from lib import backbones, config, lite0
+from lib import config
+from lib.image import backbones
+from lib.scaffold import lite0
 
 SIZE = 64  # -> 2x2 feature maps; small enough for a shared 2-core CPU
 

@@ -1,11 +1,11 @@
-"""lib.browser_check drives real headless Chromium over a small site on disk."""
+"""lib.report.browser_check drives real headless Chromium over a small site on disk."""
 import base64
 import io
 import shutil
 
 import pytest
 
-from lib import browser_check
+from lib.report import browser_check
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser"))),

@@ -1,11 +1,11 @@
-"""Training the top of the image branch on cached activations of its frozen bottom (lib.cached_finetune)."""
+"""Training the top of the image branch on cached activations of its frozen bottom (lib.image.cached_finetune)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lib import cached_finetune as cf
-from lib import image_model as im
+from lib.image import cached_finetune as cf
+from lib.image import image_model as im
 
 SIZE = 32
 
@@ -53,7 +53,7 @@ def test_views_are_augmented_clean_view_is_not_and_reruns_repeat(three_class):
     scale = np.abs(views).max()  # random weights: tiny activations, so compare relative to their scale
     assert scale > 0 and np.abs(views[0] - views[1]).max() > 1e-2 * scale, "views must differ (augmentation on)"
     clean = cf.compute_views(augmenter, bottom, t, SIZE, 8, 0, progress=False)
-    from lib.input_pipeline import load_images
+    from lib.image.input_pipeline import load_images
 
     ref = bottom(load_images(t, SIZE).astype("float32"), training=False).numpy()
     np.testing.assert_allclose(clean[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
@@ -109,7 +109,7 @@ def test_fit_top_trains_the_image_branch_top_only(three_class):
     assert not np.array_equal(m.get_layer("top_conv").get_weights()[0], top_before)
     assert not np.allclose(m.get_layer("class_probs").get_weights()[0], head_before)
     # the image branch itself predicts with the trained weights
-    from lib.input_pipeline import make_dataset
+    from lib.image.input_pipeline import make_dataset
 
     ev = im.evaluate(m, make_dataset(val_t, SIZE, 4), val_t, three_class.classes, three_class.abnormal_classes,
                      n_boot=5)

@@ -1,4 +1,4 @@
-"""lib.download against a loopback HTTP server (127.0.0.1 only: nothing here touches the internet)."""
+"""lib.scaffold.download against a loopback HTTP server (127.0.0.1 only: nothing here touches the internet)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +18,7 @@ import pytest
 
 py7zr = pytest.importorskip("py7zr")
 
-from lib import download as dl  # noqa: E402
+from lib.scaffold import download as dl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_UCI = ROOT.parent / "shared" / "data" / "uci" / "risk_factors_cervical_cancer.csv"
@@ -488,7 +488,7 @@ def test_cli_mirror_from_environment(server, tmp_path, monkeypatch):
 def test_cli_offline_subprocess_one_line_no_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (dl.ENV_MIRROR, "CERVICAL_KIT_DATA")}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "lib.download", "uci", "--data-dir", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "lib.scaffold.download", "uci", "--data-dir", str(tmp_path),
                         "--base-url", f"http://127.0.0.1:{_closed_port()}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert time.monotonic() - t0 < 20

@@ -1,4 +1,4 @@
-"""lib.features: on-disk cache keyed by files + backbone + weights + size; hit, invalidation, atomicity."""
+"""lib.image.features: on-disk cache keyed by files + backbone + weights + size; hit, invalidation, atomicity."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib import features
+from lib.image import features
 
 
 @pytest.fixture

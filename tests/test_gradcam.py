@@ -1,4 +1,4 @@
-"""Grad-CAM (lib.gradcam): the plain-tape implementation against tf-keras-vis, the randomisation
+"""Grad-CAM (lib.explain.gradcam): the plain-tape implementation against tf-keras-vis, the randomisation
 sanity check, the two-input (fusion-shaped) model, and the pictures.
 
 Keras tests use a tiny flat CNN trained for a few seconds on a task whose answer has a known place
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib import gradcam
+from lib.explain import gradcam
 
 SIZE = 32
 N_CLASSES = 3
@@ -272,7 +272,7 @@ def test_missing_layer_gives_clear_error(trained):
 @pytest.mark.slow
 def test_real_image_branch_graph():
     """The kit's own flat EfficientNet-Lite0 branch (64 px, random weights): both implementations agree."""
-    from lib.image_model import build_image_classifier
+    from lib.image.image_model import build_image_classifier
 
     model = build_image_classifier(5, "efficientnet_lite0", 64, weights=None, augment=True)
     x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
@@ -314,7 +314,7 @@ def test_agreement_table_per_class_means_and_total():
 def test_notebook06_inputs_missing_or_mismatched_give_clear_errors(tmp_path):
     import pandas as pd
 
-    from lib.image_data import ImageDataset
+    from lib.data.image_data import ImageDataset
 
     with pytest.raises(FileNotFoundError, match="run notebooks/03_image_branch.ipynb first"):
         gradcam.load_explained_model("smoke", models_dir=tmp_path)

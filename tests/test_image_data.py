@@ -1,4 +1,4 @@
-"""lib.image_data: image tables from real folders (tiny trees written with PIL here)."""
+"""lib.data.image_data: image tables from real folders (tiny trees written with PIL here)."""
 import re
 import warnings
 from pathlib import Path
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from lib import config
-from lib import image_data as D
-from lib.manifest import CLASSES
+from lib.data import image_data as D
+from lib.data.manifest import CLASSES
 
 from conftest import TINY_SIPAKMED, write_image
 
@@ -178,7 +178,7 @@ def test_reading_4049_files_is_fast(tmp_path):
     """All of SIPaKMeD's size: the loader decodes every file, so keep an eye on speed."""
     import time
 
-    from lib.manifest import sipakmed_manifest
+    from lib.data.manifest import sipakmed_manifest
 
     m = sipakmed_manifest()
     src = write_image(tmp_path / "one.bmp", size=(90, 80))
@@ -357,8 +357,8 @@ def test_synthetic_root_is_per_seed_and_size(tmp_path, monkeypatch):
 
 
 def test_load_image_dataset_synthetic(tmp_path, monkeypatch, capsys):
-    """The real generator (lib.synthetic), a few clusters per class; loud, flagged, subsampled."""
-    synthetic = pytest.importorskip("lib.synthetic")
+    """The real generator (lib.scaffold.synthetic), a few clusters per class; loud, flagged, subsampled."""
+    synthetic = pytest.importorskip("lib.scaffold.synthetic")
     monkeypatch.setenv(config.ENV_CACHE, str(tmp_path / "cache"))
     calls = []
     real = synthetic.make_synthetic_sipakmed

@@ -1,10 +1,10 @@
-"""lib.image_model: flat graph with the contract's layer names, recipes, a tiny end-to-end train."""
+"""lib.image.image_model: flat graph with the contract's layer names, recipes, a tiny end-to-end train."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lib import image_model as im
+from lib.image import image_model as im
 
 SIZE = 32  # smallest size the backbones accept: keeps these tests to seconds
 
@@ -74,7 +74,7 @@ def test_regularized_recipe_freezes_lower_blocks_and_all_batchnorm():
 
 @pytest.mark.slow
 def test_tiny_end_to_end_three_classes(three_class, tmp_path):
-    from lib import input_pipeline as ip
+    from lib.image import input_pipeline as ip
 
     ds = three_class
     assert ds.classes == ["alpha", "beta", "gamma"] and len(ds.table) == 21

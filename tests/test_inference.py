@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import fusion, inference
+from lib.fusion import hybrid
+from lib.serve import inference
 
 COLUMNS = ["Age", "Smokes", "Num of pregnancies"]
 RANGES = {
@@ -37,18 +38,18 @@ def _tiny_branch(size=32, seed=0):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A models folder as notebook 05 leaves it (tiny untrained models: the CLI is under test, not them)."""
-    from lib import tabular
+    from lib.tabular import mlp
 
     d = tmp_path_factory.mktemp("models")
     branch = _tiny_branch()
     branch.save(d / "image_branch.keras")
-    pre = tabular.TabularPreprocessor(COLUMNS, [27.0, 0.0, 2.0], ["Smokes"], [27.0, 0.15, 2.2, 0.05],
+    pre = mlp.TabularPreprocessor(COLUMNS, [27.0, 0.0, 2.0], ["Smokes"], [27.0, 0.15, 2.2, 0.05],
                                       [8.5, 0.35, 1.4, 0.2], metadata={"feature_ranges": RANGES})
-    head = fusion.build_head("fused", pre.n_features_out)  # 3 columns + 1 missing-value indicator
-    model = fusion.assemble(branch, head)
+    head = hybrid.build_head("fused", pre.n_features_out)  # 3 columns + 1 missing-value indicator
+    model = hybrid.assemble(branch, head)
     card = {"name": "hybrid_cervical_model", "threshold": 0.5, "synthetic": True, "image_classes": CLASSES,
             "abnormal_classes": CLASSES[:2]}
-    fusion.save_hybrid(model, d, preprocessor=pre, card=card)
+    hybrid.save_hybrid(model, d, preprocessor=pre, card=card)
     return d
 
 
@@ -83,15 +84,15 @@ def test_hybrid_prints_a_score_and_class(model_dir, cell, tmp_path, capsys):
     assert f"class: {'abnormal' if score >= 0.5 else 'normal'} (threshold 0.5)" in out
     assert "SYNTHETIC" in out and "not for clinical use" in out
     # the same score as the model on the preprocessed record
-    from lib import tabular
-    from lib.input_pipeline import load_image
+    from lib.tabular import mlp
+    from lib.image.input_pipeline import load_image
 
-    model = fusion.load_hybrid(model_dir / "hybrid_cervical_model.keras")
-    pre = tabular.load_preprocessor(model_dir / "hybrid_tabular_preprocessor.json")
+    model = hybrid.load_hybrid(model_dir / "hybrid_cervical_model.keras")
+    pre = mlp.load_preprocessor(model_dir / "hybrid_tabular_preprocessor.json")
     import pandas as pd
 
     x_tab = pre.transform(pd.DataFrame([GOOD], columns=COLUMNS, dtype=float))
-    expected = fusion.predict(model, [load_image(cell, 32)[None].astype("float32"), x_tab])[0]
+    expected = hybrid.predict(model, [load_image(cell, 32)[None].astype("float32"), x_tab])[0]
     assert score == pytest.approx(expected, abs=1e-4)
 
 
@@ -169,13 +170,13 @@ def test_missing_preprocessor_is_named(model_dir, cell, tmp_path, capsys):
 def test_preprocessor_from_another_run_is_caught(model_dir, cell, tmp_path, capsys):
     import shutil
 
-    from lib import tabular
+    from lib.tabular import mlp
 
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
-    pre = tabular.TabularPreprocessor(COLUMNS, [27.0, 0.0, 2.0], [], [27.0, 0.15, 2.2], [8.5, 0.35, 1.4],
+    pre = mlp.TabularPreprocessor(COLUMNS, [27.0, 0.0, 2.0], [], [27.0, 0.15, 2.2], [8.5, 0.35, 1.4],
                                       metadata={"feature_ranges": RANGES})
-    tabular.save_preprocessor(pre, d / "hybrid_tabular_preprocessor.json")
+    mlp.save_preprocessor(pre, d / "hybrid_tabular_preprocessor.json")
     rec = write_json(tmp_path / "r.json", GOOD)
     code, _, err = run(capsys, cell, "--tabular", rec, "--model-dir", d)
     assert_error(code, err, "hybrid_tabular_preprocessor.json gives 3 features but", "expects 4")

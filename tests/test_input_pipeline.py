@@ -1,4 +1,4 @@
-"""lib.input_pipeline: decoding to RGB, dataset shapes/dtypes/order, unreadable files, augmentation."""
+"""lib.image.input_pipeline: decoding to RGB, dataset shapes/dtypes/order, unreadable files, augmentation."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib import input_pipeline as ip
+from lib.image import input_pipeline as ip
 
 
 def _save(path, arr, mode=None, **kw):

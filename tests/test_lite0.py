@@ -1,4 +1,4 @@
-"""lib.lite0: torch-free reader, Lite0 graph, cached conversion, and an ImageNet sanity check."""
+"""lib.scaffold.lite0: torch-free reader, Lite0 graph, cached conversion, and an ImageNet sanity check."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lib import lite0
+from lib.scaffold import lite0
 
 # The few ImageNet classes the sample-photo check needs (index -> name).
 IMAGENET_NAMES = {985: "daisy", 442: "bell cote", 698: "palace"}
@@ -213,7 +213,7 @@ def _photo(name, size=224):
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    # Same resize as lib.input_pipeline.load_image: Pillow bilinear (antialiased), aspect not kept.
+    # Same resize as lib.image.input_pipeline.load_image: Pillow bilinear (antialiased), aspect not kept.
     img = Image.fromarray(load_sample_image(name)).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.float32)
 

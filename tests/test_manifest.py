@@ -1,10 +1,10 @@
-"""lib.manifest: the bundled SIPaKMeD file list and completeness reports."""
+"""lib.data.manifest: the bundled SIPaKMeD file list and completeness reports."""
 import re
 
 import pandas as pd
 import pytest
 
-from lib import manifest as M
+from lib.data import manifest as M
 
 
 def test_json_expands_to_the_public_manifest_exactly(shared_data):
@@ -96,7 +96,7 @@ def test_completeness_against_a_custom_manifest():
 
 
 def test_completeness_of_a_folder_and_of_a_dataset(tmp_path, sipakmed_tree):
-    from lib.image_data import load_sipakmed
+    from lib.data.image_data import load_sipakmed
 
     root = sipakmed_tree(tmp_path / "sip")
     rep = M.completeness(root)

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import pairing
-from lib.splits import SPLITS
+from lib.fusion import pairing
+from lib.data.splits import SPLITS
 
 
 def image_table(n_groups_per_class=12, cells=3, classes=("A", "B", "C", "D"), abnormal=("A", "B")):
@@ -154,7 +154,7 @@ def test_pairing_table_counts(images, uci):
 
 
 def test_real_uci_pairing(shared_data):
-    from lib import uci as uci_mod
+    from lib.data import uci as uci_mod
 
     data = uci_mod.load_uci(shared_data / "uci" / "risk_factors_cervical_cancer.csv")
     images = image_table(n_groups_per_class=30)

@@ -1,4 +1,4 @@
-"""lib.pipeline runs real notebooks with papermill; lib.site renders them; tools/nbclean keeps sources clean."""
+"""lib.report.pipeline runs real notebooks with papermill; lib.report.site renders them; tools/nbclean keeps sources clean."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from lib import config, pipeline, site
+from lib import config
+from lib.report import pipeline, site
 
 ROOT = config.ROOT
 

@@ -1,12 +1,12 @@
-"""lib.splits: grouped, stratified splits that never leak a cluster image across splits."""
+"""lib.data.splits: grouped, stratified splits that never leak a cluster image across splits."""
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from lib.manifest import CLASSES, sipakmed_manifest
-from lib.splits import SPLITS, assert_no_group_leak, grouped_split, split_summary
+from lib.data.manifest import CLASSES, sipakmed_manifest
+from lib.data.splits import SPLITS, assert_no_group_leak, grouped_split, split_summary
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of the SIPaKMeD-layout synthetic stand-in (lib.synthetic).
+"""Tests of the SIPaKMeD-layout synthetic stand-in (lib.scaffold.synthetic).
 
 Small sets only: the layout tests draw the first 3 cluster images per class
 (103 images), the statistics tests render 300 images in memory.
@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib import manifest, synthetic as S
+from lib.data import manifest
+from lib.scaffold import synthetic as S
 
 K = 3  # cluster images per class for the on-disk tests
 

@@ -1,4 +1,4 @@
-"""lib.tabular: in-fold preprocessing, the JSON preprocessor, the MLP, shared CV folds, the final fit."""
+"""lib.tabular.mlp: in-fold preprocessing, the JSON preprocessor, the MLP, shared CV folds, the final fit."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import tabular, uci
+from lib.data import uci
+from lib.tabular import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CSV = ROOT.parent / "shared" / "data" / "uci" / "risk_factors_cervical_cancer.csv"
@@ -47,7 +48,7 @@ FEATURES = ["Age", "Num of pregnancies", "Smokes", "Hormonal Contraceptives", "S
 def test_preprocessor_is_fitted_on_training_rows_only():
     f = toy_frame()
     train, test = f.iloc[:80], f.iloc[80:]
-    pipe = tabular.make_preprocessor(FEATURES).fit(train[FEATURES])
+    pipe = mlp.make_preprocessor(FEATURES).fit(train[FEATURES])
     names = list(pipe.get_feature_names_out())
     assert names == FEATURES + [f"missingindicator_{c}" for c in
                                 ("Num of pregnancies", "Smokes", "Hormonal Contraceptives", "STDs")]
@@ -71,7 +72,7 @@ def test_preprocessor_is_fitted_on_training_rows_only():
 def test_indicator_width_is_fixed_even_without_missing_values_in_the_fold():
     f = toy_frame()
     complete = f.dropna()
-    pipe = tabular.make_preprocessor(FEATURES).fit(complete[FEATURES])
+    pipe = mlp.make_preprocessor(FEATURES).fit(complete[FEATURES])
     assert pipe.transform(f[FEATURES]).shape[1] == len(FEATURES) + 4
 
 
@@ -79,23 +80,23 @@ def test_all_missing_column_in_training_fold():
     f = toy_frame()
     train = f.iloc[:60].copy()
     train["Smokes"] = np.nan
-    pipe = tabular.make_preprocessor(FEATURES).fit(train[FEATURES])
-    loaded = tabular.TabularPreprocessor.from_pipeline(pipe)
+    pipe = mlp.make_preprocessor(FEATURES).fit(train[FEATURES])
+    loaded = mlp.TabularPreprocessor.from_pipeline(pipe)
     np.testing.assert_array_equal(loaded.transform(f), pipe.transform(f[FEATURES]))
 
 
 def test_json_round_trip_is_exact(tmp_path):
     f = toy_frame(seed=3)
-    pipe = tabular.make_preprocessor(FEATURES).fit(f.iloc[:90][FEATURES])
-    path = tabular.save_preprocessor(pipe, tmp_path / "pre.json", metadata={"target": "Biopsy"})
+    pipe = mlp.make_preprocessor(FEATURES).fit(f.iloc[:90][FEATURES])
+    path = mlp.save_preprocessor(pipe, tmp_path / "pre.json", metadata={"target": "Biopsy"})
     text = path.read_text(encoding="utf-8")
     d = json.loads(text)  # plain JSON, human-readable, no pickle
-    assert d["format"] == tabular.PREPROCESSOR_FORMAT and d["columns"] == FEATURES
+    assert d["format"] == mlp.PREPROCESSOR_FORMAT and d["columns"] == FEATURES
     assert set(d["impute_medians"]) == set(FEATURES)
     assert d["indicator_columns"] == ["Num of pregnancies", "Smokes", "Hormonal Contraceptives", "STDs"]
     assert len(d["scaler_mean"]) == len(d["scaler_scale"]) == len(FEATURES) + 4
     assert d["metadata"]["target"] == "Biopsy"
-    loaded = tabular.load_preprocessor(path)
+    loaded = mlp.load_preprocessor(path)
     test = f.iloc[90:]
     np.testing.assert_array_equal(loaded.transform(test), pipe.transform(test[FEATURES]))
     # extra columns and a different column order in the input do not matter
@@ -103,28 +104,28 @@ def test_json_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(loaded.transform(shuffled), pipe.transform(test[FEATURES]))
     assert loaded.feature_names_out == list(pipe.get_feature_names_out())
     # saving the loaded form again gives the same file
-    again = tabular.save_preprocessor(loaded, tmp_path / "again.json")
+    again = mlp.save_preprocessor(loaded, tmp_path / "again.json")
     assert again.read_text(encoding="utf-8") == text
 
 
 def test_load_preprocessor_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        tabular.load_preprocessor(tmp_path / "missing.json")
+        mlp.load_preprocessor(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "something else"}', encoding="utf-8")
     with pytest.raises(ValueError, match="format"):
-        tabular.load_preprocessor(bad)
-    pipe = tabular.make_preprocessor(FEATURES).fit(toy_frame()[FEATURES])
-    loaded = tabular.TabularPreprocessor.from_pipeline(pipe)
+        mlp.load_preprocessor(bad)
+    pipe = mlp.make_preprocessor(FEATURES).fit(toy_frame()[FEATURES])
+    loaded = mlp.TabularPreprocessor.from_pipeline(pipe)
     with pytest.raises(ValueError, match="lacks columns"):
         loaded.transform(toy_frame().drop(columns=["Dx"]))
 
 
 def test_class_weights():
-    w = tabular.class_weights([0, 0, 0, 1])
+    w = mlp.class_weights([0, 0, 0, 1])
     assert w == {0: 4 / 6, 1: 2.0}
     with pytest.raises(ValueError):
-        tabular.class_weights([0, 0])
+        mlp.class_weights([0, 0])
 
 
 # --------------------------------------------------------------------------- folds
@@ -132,15 +133,15 @@ def test_class_weights():
 
 def test_cross_validate_uses_identical_folds_for_all_models():
     f = toy_frame(n=150)
-    res = tabular.cross_validate(f, ["logreg", "rf"], n_splits=3, n_repeats=2, seed=5, progress=False,
+    res = mlp.cross_validate(f, ["logreg", "rf"], n_splits=3, n_repeats=2, seed=5, progress=False,
                                  model_params={"rf": {"n_estimators": 20}})
     fp = res.folds.pivot(index=["repeat", "fold"], columns="model", values="test_fingerprint")
     assert (fp["logreg"] == fp["rf"]).all() and len(fp) == 6
     # separate calls (honest vs leaky) with the same seed see the same folds too
-    leaky = tabular.cross_validate(f, "logreg", include_leaky=True, n_splits=3, n_repeats=2, seed=5, progress=False)
+    leaky = mlp.cross_validate(f, "logreg", include_leaky=True, n_splits=3, n_repeats=2, seed=5, progress=False)
     assert list(leaky.folds["test_fingerprint"]) == list(res.folds.query("model == 'logreg'")["test_fingerprint"])
     # one repeat = the first repeat of more
-    one = tabular.cross_validate(f, "logreg", n_splits=3, n_repeats=1, seed=5, progress=False)
+    one = mlp.cross_validate(f, "logreg", n_splits=3, n_repeats=1, seed=5, progress=False)
     assert list(one.folds["test_fingerprint"]) == list(fp["logreg"].loc[0])
     # every row is scored exactly once per repeat, folds are stratified
     y, s = res.scores("rf", repeat=1)
@@ -148,20 +149,20 @@ def test_cross_validate_uses_identical_folds_for_all_models():
     assert res.folds["n_pos_test"].max() - res.folds["n_pos_test"].min() <= 1
     assert leaky.features == uci.feature_columns(f, include_leaky=True)
     assert not set(uci.LEAKY_COLUMNS) & set(res.features)
-    t = tabular.summary_table({"honest": res, "leaky": leaky})
+    t = mlp.summary_table({"honest": res, "leaky": leaky})
     assert {"auc_mean", "auc_ci_low", "ap_mean", "folds"} <= set(t.columns)
     assert t.loc[("leaky", "logreg"), "auc_mean"] > t.loc[("honest", "logreg"), "auc_mean"]
 
 
 def test_cross_validate_rejects_unknown_model():
     with pytest.raises(ValueError, match="model"):
-        tabular.cross_validate(toy_frame(), "svm", progress=False)
+        mlp.cross_validate(toy_frame(), "svm", progress=False)
 
 
 def test_cv_splits_deterministic():
     y = toy_frame()["Biopsy"].to_numpy()
-    a = tabular.cv_splits(y, 5, 2, seed=1)
-    b = tabular.cv_splits(y, 5, 2, seed=1)
+    a = mlp.cv_splits(y, 5, 2, seed=1)
+    b = mlp.cv_splits(y, 5, 2, seed=1)
     assert len(a) == 10
     for (ra, fa, tra, tea), (rb, fb, trb, teb) in zip(a, b):
         assert (ra, fa) == (rb, fb)
@@ -176,7 +177,7 @@ def test_cv_splits_deterministic():
 def test_build_mlp_named_layers():
     import keras
 
-    m = tabular.build_mlp(12)
+    m = mlp.build_mlp(12)
     assert m.get_layer("tabular").output.shape[-1] == 12
     emb = m.get_layer("tabular_embedding")
     assert emb.units == 64 and emb.activation.__name__ == "relu"
@@ -185,9 +186,9 @@ def test_build_mlp_named_layers():
     assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in m.layers) == 2
     assert sum(isinstance(layer, keras.layers.Dropout) for layer in m.layers) == 3
     assert float(m.optimizer.learning_rate) == pytest.approx(1e-4)
-    assert tabular.embedding_model(m).output.shape[-1] == 64
+    assert mlp.embedding_model(m).output.shape[-1] == 64
     with pytest.raises(ValueError, match="n_features"):
-        tabular.build_mlp(0)
+        mlp.build_mlp(0)
 
 
 @pytest.mark.slow
@@ -195,14 +196,14 @@ def test_build_mlp_named_layers():
 def test_mlp_trains_on_real_data_and_is_deterministic():
     d = uci.load_uci(REAL_CSV)
     cols = uci.feature_columns(d)
-    x = tabular.make_preprocessor(cols).fit_transform(d.frame[cols])
+    x = mlp.make_preprocessor(cols).fit_transform(d.frame[cols])
     y = d.frame["Biopsy"].to_numpy()
-    trainer = tabular.MLPTrainer(x.shape[1])
-    model, info = tabular.train_mlp(x, y, epochs=4, seed=3, patience=2, trainer=trainer)
+    trainer = mlp.MLPTrainer(x.shape[1])
+    model, info = mlp.train_mlp(x, y, epochs=4, seed=3, patience=2, trainer=trainer)
     assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 4
     p1 = trainer.predict(x)
     assert p1.shape == (len(y),) and ((p1 > 0) & (p1 < 1)).all()
-    _, info2 = tabular.train_mlp(x, y, epochs=4, seed=3, patience=2, trainer=trainer)
+    _, info2 = mlp.train_mlp(x, y, epochs=4, seed=3, patience=2, trainer=trainer)
     np.testing.assert_array_equal(trainer.predict(x), p1)  # reset() makes a rerun identical
     assert info2 == info
     np.testing.assert_allclose(model.predict(x.astype("float32"), verbose=0).ravel(), p1, rtol=1e-5, atol=1e-6)
@@ -211,8 +212,8 @@ def test_mlp_trains_on_real_data_and_is_deterministic():
 @pytest.mark.slow
 def test_fit_engine_reference_path_runs():
     f = toy_frame()
-    x = tabular.make_preprocessor(FEATURES).fit_transform(f[FEATURES])
-    model, info = tabular.train_mlp(x, f["Biopsy"], epochs=2, engine="fit", patience=1)
+    x = mlp.make_preprocessor(FEATURES).fit_transform(f[FEATURES])
+    model, info = mlp.train_mlp(x, f["Biopsy"], epochs=2, engine="fit", patience=1)
     assert info["epochs_run"] <= 2 and model.get_layer("risk") is not None
 
 
@@ -220,7 +221,7 @@ def test_fit_engine_reference_path_runs():
 @needs_real
 def test_cross_validate_mlp_on_real_data_shares_folds():
     d = uci.load_uci(REAL_CSV)
-    res = tabular.cross_validate(d, ["mlp", "logreg"], n_splits=3, epochs=3, progress=False)
+    res = mlp.cross_validate(d, ["mlp", "logreg"], n_splits=3, epochs=3, progress=False)
     fp = res.folds.pivot(index="fold", columns="model", values="test_fingerprint")
     assert (fp["mlp"] == fp["logreg"]).all()
     assert res.folds["auc"].between(0, 1).all()
@@ -232,14 +233,14 @@ def test_fit_final_saves_model_and_json_that_reload(tmp_path):
     import keras
 
     f = toy_frame()
-    final = tabular.fit_final(f, epochs=2, models_dir=tmp_path)
+    final = mlp.fit_final(f, epochs=2, models_dir=tmp_path)
     assert final.model_path == tmp_path / "tabular_mlp.keras" and final.model_path.is_file()
     assert final.preprocessor_path == tmp_path / "tabular_preprocessor.json"
     meta = json.loads(final.preprocessor_path.read_text())["metadata"]
     assert meta["include_leaky"] is False and meta["embedding_layer"] == "tabular_embedding"
     assert not set(uci.LEAKY_COLUMNS) & set(final.preprocessor.columns)
     reloaded = keras.models.load_model(final.model_path)
-    pre = tabular.load_preprocessor(final.preprocessor_path)
+    pre = mlp.load_preprocessor(final.preprocessor_path)
     x = pre.transform(f).astype("float32")
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), final.model.predict(x, verbose=0), rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tabular_mlp.keras", "tabular_preprocessor.json"]
@@ -247,7 +248,7 @@ def test_fit_final_saves_model_and_json_that_reload(tmp_path):
 
 def test_missingness_table_by_hand():
     f = pd.DataFrame({"Smokes": [np.nan, np.nan, 1.0, 0.0, 0.0], "STDs": [0.0] * 5, "Biopsy": [1, 0, 1, 0, 0]})
-    t = tabular.missingness_table(f)
+    t = mlp.missingness_table(f)
     assert list(t.index) == ["Smokes", "STDs"]
     assert t.loc["Smokes", "n_missing"] == 2 and t.loc["Smokes", "share_missing"] == pytest.approx(0.4)
     assert t.loc["Smokes", "rate_if_missing"] == pytest.approx(0.5)
@@ -257,18 +258,18 @@ def test_missingness_table_by_hand():
 
 def test_paired_delta_matches_folds():
     f = toy_frame(n=150)
-    base = tabular.cross_validate(f, "logreg", n_splits=3, n_repeats=2, seed=5, progress=False)
-    other = tabular.cross_validate(f, "logreg", include_leaky=True, n_splits=3, n_repeats=1, seed=5, progress=False)
-    d = tabular.paired_delta(base, other)
+    base = mlp.cross_validate(f, "logreg", n_splits=3, n_repeats=2, seed=5, progress=False)
+    other = mlp.cross_validate(f, "logreg", include_leaky=True, n_splits=3, n_repeats=1, seed=5, progress=False)
+    d = mlp.paired_delta(base, other)
     first = base.folds.query("repeat == 0")
     assert d.loc["logreg", "folds"] == 3 and bool(d.loc["logreg", "same_folds"])
     assert d.loc["logreg", "base"] == pytest.approx(first["auc"].mean())
     assert d.loc["logreg", "delta_mean"] == pytest.approx(other.folds["auc"].mean() - first["auc"].mean())
-    shifted = tabular.cross_validate(f, "logreg", n_splits=3, n_repeats=1, seed=6, progress=False)
-    assert not bool(tabular.paired_delta(base, shifted).loc["logreg", "same_folds"])
+    shifted = mlp.cross_validate(f, "logreg", n_splits=3, n_repeats=1, seed=6, progress=False)
+    assert not bool(mlp.paired_delta(base, shifted).loc["logreg", "same_folds"])
 
 
 @pytest.mark.parametrize("kw", [{"n_repeats": 0}, {"epochs": None}, {"n_splits": 1}, {"batch_size": 2.5}])
 def test_cross_validate_validates_parameters(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
-        tabular.cross_validate(toy_frame(), "logreg", progress=False, **kw)
+        mlp.cross_validate(toy_frame(), "logreg", progress=False, **kw)

@@ -1,4 +1,4 @@
-"""lib.uci: the loader's cleaning rules, every bad-input case, and facts of the real file."""
+"""lib.data.uci: the loader's cleaning rules, every bad-input case, and facts of the real file."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib import uci
+from lib.data import uci
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CSV = ROOT.parent / "shared" / "data" / "uci" / "risk_factors_cervical_cancer.csv"

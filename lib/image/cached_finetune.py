@@ -17,7 +17,7 @@ What differs from end-to-end ``fit``: augmentation is drawn ``views`` times per 
 ("offline augmentation") instead of afresh every epoch; each epoch shows every training image once,
 in one of its views (a seeded random choice per image and epoch).  Dropout, frozen BatchNorm,
 class weights, Adam and early stopping on validation accuracy with best weights restored are as
-in :func:`lib.image_model.regularized_recipe`.  Validation images are not augmented.
+in :func:`lib.image.image_model.regularized_recipe`.  Validation images are not augmented.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .input_pipeline import make_dataset
+from lib.image.input_pipeline import make_dataset
 
 DEFAULT_VIEWS = 3
 
@@ -42,7 +42,7 @@ def split_model(model):
     """
     import keras
 
-    from .image_model import trainable_summary
+    from lib.image.image_model import trainable_summary
 
     cut_name = trainable_summary(model)["first_trainable_backbone_layer"]
     if cut_name is None:
@@ -139,12 +139,12 @@ def _view_sequence_class():
 
 def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, epochs: int,
             views: int = DEFAULT_VIEWS, seed: int = 42, log: bool = True, progress: bool = True) -> dict:
-    """Train ``recipe.model`` (a :func:`lib.image_model.regularized_recipe`) through its cached bottom.
+    """Train ``recipe.model`` (a :func:`lib.image.image_model.regularized_recipe`) through its cached bottom.
 
-    Returns the same history dict as :func:`lib.image_model.train` plus ``views``, ``cut_layer``,
+    Returns the same history dict as :func:`lib.image.image_model.train` plus ``views``, ``cut_layer``,
     ``cache_seconds`` (computing the views) and ``cache_mb``; ``fit_seconds`` covers both.
     """
-    from .image_model import _compile, check_epochs, fit_history
+    from lib.image.image_model import _compile, check_epochs, fit_history
 
     if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
         raise ValueError(f"parameter 'views': expected an integer >= 1 (augmented views per image), got {views!r}")

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
-from . import config
-from .manifest import ABNORMAL, CLASSES, class_folder
+from lib import config
+from lib.data.manifest import ABNORMAL, CLASSES, class_folder
 
 #: file extensions read as images (case-insensitive); anything else (``.dat`` boundary
 #: files, ``Thumbs.db``, READMEs) is ignored, as are hidden files such as macOS ``._*``
@@ -416,7 +416,7 @@ def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_
 
 
 def _load_synthetic(seed, images_per_class, reason, sip_dir) -> ImageDataset:
-    from . import synthetic  # a colleague's module; imported only when needed
+    from lib.scaffold import synthetic  # the stand-in; imported only when needed
 
     cpc = None if images_per_class is None else math.ceil(images_per_class / 2) + 2
     root = synthetic.make_synthetic_sipakmed(synthetic_root(seed, cpc), seed=seed, clusters_per_class=cpc)

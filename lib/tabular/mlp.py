@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import config, metrics
-from .atomic import atomic_path, read_json, write_json
-from .uci import TARGET, UciData, feature_columns
+from lib import config, metrics
+from lib.atomic import atomic_path, read_json, write_json
+from lib.data.uci import TARGET, UciData, feature_columns
 
 MISSING_INDICATOR_COLUMNS = (
     "Number of sexual partners", "Num of pregnancies", "Smokes", "Hormonal Contraceptives", "IUD", "STDs",

@@ -4,7 +4,7 @@ The real SIPaKMeD crops (4049 cells from 966 cluster images) cannot reach the
 machines this kit is built on, so everything also runs on a stand-in that has
 the *exact* Kaggle folder layout and real file names,
 ``<out_root>/im_<Class>/im_<Class>/CROPPED/NNN_MM.bmp`` (a subset of
-:func:`lib.manifest.sipakmed_manifest`), and a marker ``SYNTHETIC.txt`` so that
+:func:`lib.data.manifest.sipakmed_manifest`), and a marker ``SYNTHETIC.txt`` so that
 every table, model, figure and page built from it says it is synthetic.
 
 API
@@ -650,7 +650,7 @@ def synthetic_file_table(clusters_per_class: int | None = None):
 
     A DataFrame with the manifest's columns plus ``nnn`` and ``mm`` (ints).
     """
-    from lib.manifest import sipakmed_manifest
+    from lib.data.manifest import sipakmed_manifest
 
     k = _check_k(clusters_per_class)
     m = sipakmed_manifest().copy()
@@ -698,11 +698,11 @@ def _marker_text(params: dict, table) -> str:
     counts = table.groupby("class").agg(cells=("file_name", "size"), clusters=("nnn", "nunique"))
     lines = [
         "SYNTHETIC DATA - NOT REAL CELLS.",
-        "Procedurally drawn stand-in for SIPaKMeD (Kaggle layout, real file names), made by lib.synthetic",
+        "Procedurally drawn stand-in for SIPaKMeD (Kaggle layout, real file names), made by lib.scaffold.synthetic",
         "because the real images were not available. Results on it say nothing about real cytology.",
         "",
         "synthetic: true",
-        "generator: lib.synthetic.make_synthetic_sipakmed",
+        "generator: lib.scaffold.synthetic.make_synthetic_sipakmed",
         f"generator_version: {params['generator_version']}",
         f"seed: {params['seed']}",
         f"clusters_per_class: {'all' if params['clusters_per_class'] is None else params['clusters_per_class']}",

@@ -11,7 +11,7 @@ Why it looks like this:
 - wall time and peak memory of each notebook's kernel are recorded in
   ``build/<profile>/pipeline.json`` for the benchmarks.
 
-Usage: ``python -m lib.pipeline --profile smoke [--data-dir D] [--force] [--only 01_eda]``
+Usage: ``python -m lib.report.pipeline --profile smoke [--data-dir D] [--force] [--only 01_eda]``
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from . import config
-from .atomic import atomic_path, read_json, write_json
+from lib import config
+from lib.atomic import atomic_path, read_json, write_json
 
 NOTEBOOKS_DIR = config.ROOT / "notebooks"
 # modules that build the report around the notebooks; editing them must not retrain anything
@@ -66,10 +66,10 @@ def fingerprint(notebook: Path, params: dict, upstream: str, data_dir=None) -> s
     """Hash of everything a notebook's results depend on."""
     h = hashlib.sha256()
     h.update(Path(notebook).read_bytes())
-    for py in sorted((config.ROOT / "lib").glob("*.py")) + sorted((config.ROOT / "lib").glob("*.json")):
+    for py in sorted((config.ROOT / "lib").rglob("*.py")) + sorted((config.ROOT / "lib").rglob("*.json")):
         if py.stem in REPORT_ONLY_MODULES:
             continue
-        h.update(py.name.encode())
+        h.update(py.relative_to(config.ROOT).as_posix().encode())
         h.update(py.read_bytes())
     h.update(json.dumps(params, sort_keys=True).encode())
     h.update(upstream.encode())
@@ -184,7 +184,7 @@ def run_pipeline(profile: str = "full", data_dir=None, force: bool = False, only
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib.pipeline", description="Run the kit's notebooks with papermill.")
+    ap = argparse.ArgumentParser(prog="python -m lib.report.pipeline", description="Run the kit's notebooks with papermill.")
     ap.add_argument("--profile", default="full", choices=sorted(config.PROFILES))
     ap.add_argument("--data-dir", default=None, help="folder with uci/ and sipakmed/ (default: $CERVICAL_KIT_DATA or data/)")
     ap.add_argument("--force", action="store_true", help="rerun notebooks even if their inputs did not change")

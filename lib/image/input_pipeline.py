@@ -18,7 +18,7 @@ Decoding
     Each image is then resized to ``(size, size)`` with antialiased bilinear resampling (aspect ratio
     is not kept: SIPaKMeD crops are roughly square and the published recipe stretches too) and
     cached as uint8, which is 4x smaller than float32; batches are cast to float32 in 0..255, the
-    input range of every backbone in :mod:`lib.backbones` (preprocessing is inside the model).
+    input range of every backbone in :mod:`lib.image.backbones` (preprocessing is inside the model).
 
 Unreadable files
     :func:`make_dataset` first opens every file's header (cheap) and raises ``ValueError`` listing
@@ -28,7 +28,7 @@ Unreadable files
     list of ``(file, reason)`` skipped: listed, never silent.
 
 Augmentation
-    :func:`augmentation_layers` returns Keras preprocessing layers that :mod:`lib.image_model` puts
+    :func:`augmentation_layers` returns Keras preprocessing layers that :mod:`lib.image.image_model` puts
     **inside the model**, right after the ``image`` input.  Why inside rather than mapped over the
     training dataset: Keras random layers are active only when the model runs with
     ``training=True`` (``fit``) and are identity in ``predict``/``evaluate``, so one model and one
@@ -148,7 +148,7 @@ def check_readable(table) -> None:
         more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         raise ValueError(
             f"{len(skipped)} image file(s) cannot be read:\n{shown}{more}\n"
-            "Fix or remove them, or drop them with lib.input_pipeline.drop_unreadable(table) "
+            "Fix or remove them, or drop them with lib.image.input_pipeline.drop_unreadable(table) "
             "(which lists what it skipped)."
         )
 

@@ -2,7 +2,7 @@
 the tf-keras-vis reference (Grad-CAM and Grad-CAM++), the agreement between maps, the
 model-randomisation sanity check, and overlays / galleries.
 
-    from lib import gradcam
+    from lib.explain import gradcam
     maps = gradcam.gradcam_tape(model, images, target=classes_idx)            # (n, H, W) in [0, 1]
     ref = gradcam.gradcam_tfkv(model, images, target=classes_idx)             # tf-keras-vis
     gradcam.agreement(maps, ref)                                              # Spearman per image, ~1
@@ -21,7 +21,7 @@ Targets: an integer class index (the same for every image) or one per image for 
 
 tf-keras-vis traps handled here (DESIGN.md section 6):
 
-* the model must be flat (the backbone's layers in the model's own graph) - ``lib.image_model`` is;
+* the model must be flat (the backbone's layers in the model's own graph) - ``lib.image.image_model`` is;
 * ``penultimate_layer="top_activation"`` alone is **not** enough: with the default
   ``seek_penultimate_conv_layer=True`` tf-keras-vis walks back from the named layer to the nearest
   *Conv* layer and uses ``top_conv`` (before BatchNorm and ReLU6).  :func:`gradcam_tfkv` passes
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from lib.atomic import atomic_path
 
 DEFAULT_LAYER = "top_activation"
 DEFAULT_RANDOMIZE_FROM = "top_conv"
@@ -82,7 +82,7 @@ def _get_layer(model, layer_name: str):
         raise ValueError(
             f"parameter 'layer_name': model {model.name!r} has no layer {layer_name!r}. "
             f"Layers with a spatial (4-D) output, last first: {shown or 'none'}. "
-            "Grad-CAM needs the model built flat (lib.image_model); a backbone nested as one layer hides them."
+            "Grad-CAM needs the model built flat (lib.image.image_model); a backbone nested as one layer hides them."
         )
     layer = model.get_layer(layer_name)
     if len(layer.output.shape) != 4:
@@ -732,7 +732,8 @@ def load_explained_model(profile: str, image_size: int | None = None, backbone: 
     ``image_size`` / ``backbone`` are given and differ from the saved model's: explaining a model
     trained some other way would explain the wrong model.
     """
-    from . import config, image_model
+    from lib import config
+    from lib.image import image_model
 
     path = Path(models_dir) / "image_branch.keras" if models_dir else config.models_dir(profile) / "image_branch.keras"
     if not path.exists():
@@ -758,7 +759,7 @@ def explained_test_split(dataset, n_classes: int, seed: int, record=None):
     ``record``: notebook 03's metrics dict (its ``classes`` and ``n_test``), checked when given, so a
     different dataset or seed is an error rather than a quietly different test set.
     """
-    from . import splits
+    from lib.data import splits
 
     classes = list(dataset.classes)
     if len(classes) != n_classes:
@@ -820,7 +821,7 @@ def explain_fusion(path, images, branch_maps, batch_size: int = 32):
     ``None`` when ``path`` does not exist, else a dict: ``risk`` (n,), ``tape`` and ``tfkv`` maps, and
     ``summary`` (tape vs tf-keras-vis and image-branch vs fusion mean Spearman, JSON-ready).
     """
-    from .fusion import load_hybrid
+    from lib.fusion.hybrid import load_hybrid
 
     if not Path(path).exists():
         return None

@@ -19,7 +19,7 @@ works for a copy on a USB stick.
 
 Command line (exit status 0 ok, 1 error with a one-line message, 2 bad usage)::
 
-    python -m lib.download [uci|sipakmed|all] [--data-dir D] [--base-url U] [--class C] [-q]
+    python -m lib.scaffold.download [uci|sipakmed|all] [--data-dir D] [--base-url U] [--class C] [-q]
 
 Offline, it fails within seconds (immediately on a DNS failure, after ``connect_timeout`` seconds
 otherwise) and says where to put the file by hand.  Without SIPaKMeD the notebooks fall back to
@@ -61,7 +61,7 @@ SIPAKMED_URL = "https://www.cs.uoi.gr/~marina/SIPAKMED/im_{cls}.7z"
 SIPAKMED_PAGE = "https://www.cs.uoi.gr/~marina/sipakmed.html"
 SIPAKMED_CLASSES = ("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate")
 # cropped cells / cluster images per class (DESIGN.md section 3, shared/data/sipakmed/MANIFEST.csv);
-# used only when lib.manifest is not available for the completeness report
+# used only when lib.data.manifest is not available for the completeness report
 SIPAKMED_COUNTS = {
     "Dyskeratotic": (813, 223),
     "Koilocytotic": (825, 238),
@@ -70,7 +70,7 @@ SIPAKMED_COUNTS = {
     "Superficial-Intermediate": (831, 126),
 }
 
-USER_AGENT = "hybrid-cervical-kit/0.1 (+lib.download)"
+USER_AGENT = "hybrid-cervical-kit/0.1 (+lib.scaffold.download)"
 CONNECT_TIMEOUT = 10.0   # seconds for the first connection: offline fails fast
 RETRY_WAIT = 1.0         # seconds before the first retry after a broken transfer (doubles)
 
@@ -688,12 +688,12 @@ def _count_sipakmed(sdir: Path, classes=SIPAKMED_CLASSES) -> dict:
 def sipakmed_report(data_dir=None) -> str:
     """Completeness of ``<data root>/sipakmed`` against the 4049-name manifest.
 
-    Uses ``lib.image_data.load_sipakmed`` + ``lib.manifest.completeness`` when they exist, else
+    Uses ``lib.data.image_data.load_sipakmed`` + ``lib.data.manifest.completeness`` when they exist, else
     counts ``CROPPED/*.bmp`` per class against the published counts.
     """
     sdir = config.sipakmed_dir(data_dir)
     try:
-        from lib import image_data, manifest
+        from lib.data import image_data, manifest
 
         try:
             ds = image_data.load_sipakmed(sdir, on_bad="skip")  # an unreadable image is reported, not fatal
@@ -706,7 +706,7 @@ def sipakmed_report(data_dir=None) -> str:
     except Exception as e:  # not written yet, or another signature: count ourselves
         why = f"{type(e).__name__}: {e}"
     counts = _count_sipakmed(sdir)
-    lines = [f"SIPaKMeD completeness for {sdir} (file counts; lib.manifest not used: {why}):"]
+    lines = [f"SIPaKMeD completeness for {sdir} (file counts; lib.data.manifest not used: {why}):"]
     for cls, (cells, clusters) in counts.items():
         exp_cells, exp_clusters = SIPAKMED_COUNTS[cls]
         flag = "ok" if cells == exp_cells else "INCOMPLETE" if cells < exp_cells else "more than expected"
@@ -718,10 +718,10 @@ def sipakmed_report(data_dir=None) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    """``python -m lib.download [uci|sipakmed|all] [--data-dir D] [--base-url U]``; returns the exit status."""
+    """``python -m lib.scaffold.download [uci|sipakmed|all] [--data-dir D] [--base-url U]``; returns the exit status."""
     global VERBOSE
     p = argparse.ArgumentParser(
-        prog="python -m lib.download",
+        prog="python -m lib.scaffold.download",
         description="Download the kit's raw data with sha256 checks, resume and safe extraction.",
         epilog=(f"Mirror layout: <base-url>/{UCI.relpath} and <base-url>/sipakmed/im_<Class>.7z. "
                 f"Environment: ${config.ENV_DATA} (data root), ${ENV_MIRROR} (mirror). "

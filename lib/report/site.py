@@ -10,7 +10,7 @@ added on top when their data were synthetic), and the generated Markdown snippet
 ``.qmd`` pages include (headline table, model card, banner) are written there too, computed
 from the metrics JSON, never typed by hand.
 
-Usage: ``python -m lib.site --profile smoke [--renderer auto|quarto|nbconvert]``
+Usage: ``python -m lib.report.site --profile smoke [--renderer auto|quarto|nbconvert]``
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import config
-from .atomic import read_json, write_text
+from lib import config
+from lib.atomic import read_json, write_text
 
 STAGE = config.ROOT / "build" / "report"
 SITE = config.ROOT / "_site"
@@ -147,7 +147,7 @@ def stage(profile: str) -> list[Path]:
     src = config.run_dir(profile) / "notebooks"
     nbs = sorted(src.glob("[0-9][0-9]_*.ipynb"))
     if not nbs:
-        raise FileNotFoundError(f"no executed notebooks in {src}: run `python -m lib.pipeline --profile {profile}` first")
+        raise FileNotFoundError(f"no executed notebooks in {src}: run `python -m lib.report.pipeline --profile {profile}` first")
     if STAGE.exists():
         shutil.rmtree(STAGE)
     STAGE.mkdir(parents=True)
@@ -288,7 +288,7 @@ def render(profile: str = "full", renderer: str = "auto") -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib.site", description="Render the report website.")
+    ap = argparse.ArgumentParser(prog="python -m lib.report.site", description="Render the report website.")
     ap.add_argument("--profile", default="full", choices=sorted(config.PROFILES))
     ap.add_argument("--renderer", default="auto", choices=["auto", "quarto", "nbconvert"])
     args = ap.parse_args(argv)

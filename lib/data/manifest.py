@@ -134,7 +134,7 @@ def _found_keys(found) -> pd.DataFrame:
     if hasattr(found, "table") and isinstance(getattr(found, "table"), pd.DataFrame):
         found = found.table  # an ImageDataset
     if isinstance(found, (str, Path)):
-        from .image_data import load_sipakmed
+        from lib.data.image_data import load_sipakmed
 
         found = load_sipakmed(found, on_bad="skip").table
     if not isinstance(found, pd.DataFrame):

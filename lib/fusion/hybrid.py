@@ -8,7 +8,7 @@ stopping on the validation loss with the best weights restored (the original sto
 accuracy, which hardly moves when one class dominates).  Each branch first learns from its own data:
 the image branch in notebook 03, the tabular branch (:func:`fit_tabular_branch`) on the UCI training
 records; the fusion heads keep the tabular tower frozen and learn how to combine the two embeddings
-from the pairs of :mod:`lib.pairing`.  The saved model is **one flat Keras functional graph** with two inputs,
+from the pairs of :mod:`lib.fusion.pairing`.  The saved model is **one flat Keras functional graph** with two inputs,
 ``image`` (raw 0..255 RGB) and ``tabular`` (features from the saved preprocessor); the image
 branch's layers, ``top_activation`` included, sit directly in it, so Grad-CAM can reach them.
 
@@ -30,7 +30,7 @@ Head kinds (:data:`KINDS`) give the ablation: ``"image"`` (image embedding only)
 (tabular MLP only), ``"fused"`` (concatenation, the original) and ``"attention"`` (the original's
 future work: both embeddings projected to a common size, a small gate gives per-sample softmax
 weights over the two modalities, the weighted sum goes to the classifier; :func:`attention_weights`
-reads the weights out).  :func:`run_ablation` trains them on the pairings of :mod:`lib.pairing`,
+reads the weights out).  :func:`run_ablation` trains them on the pairings of :mod:`lib.fusion.pairing`,
 :func:`ablation_table` and :func:`plot_ablation` show the result.
 
 Saving (:func:`save_hybrid`): ``hybrid_cervical_model.keras`` first, then
@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics
-from .atomic import atomic_path, write_json
+from lib import metrics
+from lib.atomic import atomic_path, write_json
 
 IMAGE_INPUT, TABULAR_INPUT, FEATURE_INPUT, OUTPUT = "image", "tabular", "image_features", "risk"
 IMAGE_EMBEDDING, TABULAR_EMBEDDING, FEATURE_LAYER = "image_embedding", "tabular_embedding", "top_activation"
@@ -193,7 +193,7 @@ def _embedding_tensor(image_branch):
         return image_branch.get_layer(IMAGE_EMBEDDING).output
     except ValueError:
         raise ValueError(f"image branch {image_branch.name!r} has no layer {IMAGE_EMBEDDING!r}; expected a model from "
-                         "lib.image_model.build_image_classifier") from None
+                         "lib.image.image_model.build_image_classifier") from None
 
 
 def build_fusion_model(image_branch, n_tabular: int, kind: str = "fused", config: HeadConfig | None = None,
@@ -259,12 +259,12 @@ def image_embeddings(image_branch, table, image_size: int | None = None, chunk: 
     """``(n, 512)`` float32: the image branch's ``image_embedding`` for every row of ``table`` (in order),
     in inference mode (augmentation and dropout off).
 
-    Images are decoded with :func:`lib.input_pipeline.load_images` (the same decoding and resizing as
+    Images are decoded with :func:`lib.image.input_pipeline.load_images` (the same decoding and resizing as
     the training pipeline) ``chunk`` at a time; no ``tf.data`` (its graph warnings would land in the
     notebook's stderr).  ``image_size`` defaults to the branch's input size.
     """
-    from . import image_model
-    from .input_pipeline import load_images
+    from lib.image import image_model
+    from lib.image.input_pipeline import load_images
 
     size = int(image_size or image_branch.get_layer(IMAGE_INPUT).output.shape[1])
     emb = image_model.embedding_model(image_branch)
@@ -295,7 +295,7 @@ def fit_image_head_on_features(image_branch, features, labels, val_features=None
                                epochs: int = 100, batch_size: int = 32, seed: int = 42, lr: float = LEARNING_RATE,
                                patience: int = 15) -> dict:
     """Train the image branch's head (``head_dropout_1 -> image_embedding -> head_dropout_2 -> class_probs``)
-    on cached ``avg_pool`` features (:func:`lib.features.extract_features`), in place.
+    on cached ``avg_pool`` features (:func:`lib.image.features.extract_features`), in place.
 
     The fallback when notebook 03's trained branch is absent: a frozen backbone + a trained head.  The
     layers trained are the image branch's own objects, so ``image_branch`` holds the result.
@@ -303,7 +303,7 @@ def fit_image_head_on_features(image_branch, features, labels, val_features=None
     """
     import keras
 
-    from .image_model import class_weights
+    from lib.image.image_model import class_weights
 
     keras.utils.set_random_seed(seed)
     feats = np.asarray(features, "float32")
@@ -343,7 +343,7 @@ def default_train_draws(n_train_images: int, n_train_records: int, cap: int = 5)
 def _branch_features(branch, table, size: int, chunk: int = 256) -> np.ndarray:
     import keras
 
-    from .input_pipeline import load_images
+    from lib.image.input_pipeline import load_images
 
     pooled = keras.Model(branch.get_layer(IMAGE_INPUT).output, branch.get_layer("avg_pool").output)
     return np.concatenate([predict_raw(pooled, load_images(table.iloc[i:i + chunk], size))
@@ -357,13 +357,13 @@ def image_branch_for_fusion(params: dict, table: pd.DataFrame, classes: list, mo
     Notebook 03's ``image_branch.keras`` is used when it exists **and** its metrics JSON
     (``03_image_branch.json``) shows the same backbone, weights, image size, seed, classes and split
     sizes as ``params``/``table`` (so its test images are this notebook's test images and it never
-    trained on them).  Otherwise a branch is built with :func:`lib.image_model.build_image_classifier`
+    trained on them).  Otherwise a branch is built with :func:`lib.image.image_model.build_image_classifier`
     from the same parameters, its backbone kept frozen (ImageNet features) and its head
     (``image_embedding`` -> ``class_probs``) trained on the pooled features of the training split,
     early stopping on the validation split (:func:`fit_image_head_on_features`); the reason is reported.
     """
-    from . import image_model
-    from .atomic import read_json
+    from lib.image import image_model
+    from lib.atomic import read_json
 
     path = Path(models_dir) / IMAGE_BRANCH_FILE
     meta_path = Path(metrics_dir) / "03_image_branch.json"
@@ -402,24 +402,24 @@ def image_branch_for_fusion(params: dict, table: pd.DataFrame, classes: list, mo
 
 
 def fit_tabular_preprocessor(uci_frame, uci_split, target: str = "Biopsy", include_leaky: bool = False):
-    """:func:`lib.tabular.make_preprocessor` fitted on the UCI **train** split only; returns
+    """:func:`lib.tabular.mlp.make_preprocessor` fitted on the UCI **train** split only; returns
     ``(TabularPreprocessor, features of every row (n_rows, k) float32, columns)``.
 
     The leaky screening columns (Hinselmann, Schiller, Citology) are excluded unless ``include_leaky``
     (the labelled demonstration of how the original's numbers can arise).  The preprocessor's
     metadata holds the training ranges (:func:`feature_ranges`)."""
-    from . import tabular
-    from .uci import feature_columns
+    from lib.tabular import mlp
+    from lib.data.uci import feature_columns
 
     frame = getattr(uci_frame, "frame", uci_frame)
     cols = feature_columns(frame, include_leaky=include_leaky, target=target)
     train = pd.Series(uci_split, index=frame.index).astype(str).to_numpy() == "train"
-    pipe = tabular.make_preprocessor(cols).fit(frame.loc[train, cols])
+    pipe = mlp.make_preprocessor(cols).fit(frame.loc[train, cols])
     meta = dict(target=target, include_leaky=bool(include_leaky), fitted_on="UCI train split of the fusion pairing",
                 n_rows=int(train.sum()), n_pos=int(frame.loc[train, target].sum()),
                 feature_ranges=feature_ranges(frame.loc[train, cols]), input_layer=TABULAR_INPUT,
                 embedding_layer=TABULAR_EMBEDDING, output_layer=OUTPUT)
-    pre = tabular.TabularPreprocessor.from_pipeline(pipe, metadata=meta)
+    pre = mlp.TabularPreprocessor.from_pipeline(pipe, metadata=meta)
     return pre, pre.transform(frame).astype("float32"), cols
 
 
@@ -429,7 +429,7 @@ PLAUSIBLE_MAX = 120.0
 
 def feature_ranges(frame: pd.DataFrame) -> dict:
     """Per column: ``train_min``/``train_max`` (observed), ``binary`` and the ``allowed`` [low, high]
-    that :mod:`lib.inference` enforces: [0, 1] for 0/1 columns, else [min(0, train_min),
+    that :mod:`lib.serve.inference` enforces: [0, 1] for 0/1 columns, else [min(0, train_min),
     max(120, train_max)] (ages, counts and years of a human life)."""
     out = {}
     for c in frame.columns:
@@ -481,7 +481,7 @@ def _inputs(kind, x_image, x_tabular) -> list:
 
 
 def _gather(cohort, embeddings, tabular_features, record_index):
-    from .splits import SPLITS
+    from lib.data.splits import SPLITS
 
     pos = pd.Index(record_index).get_indexer(cohort["record_id"])
     if (pos < 0).any():
@@ -522,10 +522,10 @@ def pairing_inputs(image_table, uci_frame, uci_split, embeddings, tabular: dict,
 
     ``tabular``: ``{suffix: features of every UCI row}``, e.g. ``{"": honest, "+screening": with the
     leaky columns}``; keys are ``"label_conditioned" + suffix`` and ``"shuffled" + suffix``.  The
-    cohorts come from :func:`lib.pairing.pair_label_conditioned` / :func:`lib.pairing.pair_shuffled` with
+    cohorts come from :func:`lib.fusion.pairing.pair_label_conditioned` / :func:`lib.fusion.pairing.pair_shuffled` with
     ``seed``; ``n_repairings`` further draws with :func:`repairing_seeds`.
     """
-    from . import pairing
+    from lib.fusion import pairing
 
     frame = getattr(uci_frame, "frame", uci_frame)
     out = {}
@@ -562,7 +562,7 @@ def train_loop(model, x_tr, y_tr, x_va, y_va, epochs: int, seed: int = 42, batch
     import keras
     import tensorflow as tf
 
-    from .tabular import class_weights
+    from lib.tabular.mlp import class_weights
 
     _check_fit_args(epochs, patience, monitor)
     x_tr = [np.asarray(a, "float32") for a in x_tr]
@@ -634,7 +634,7 @@ def fit_tabular_branch(x_tabular, y, uci_split, epochs: int, seed: int = 42, bat
     UCI **training records** for ``Biopsy``, early stopping on the validation records.
 
     ``x_tabular``: preprocessed features of every UCI row; ``y``: their ``Biopsy``; ``uci_split``:
-    train/val/test per row (:func:`lib.pairing.split_uci`).  Returns ``(model, info)``; ``info`` adds
+    train/val/test per row (:func:`lib.fusion.pairing.split_uci`).  Returns ``(model, info)``; ``info`` adds
     ``test_auc`` on the test records (the honest anchor: about 0.65-0.69 on real data).  Its tower
     (:func:`tabular_tower_layers`) is what :func:`fit_head` puts, frozen, under the tabular embedding:
     each branch learns from its own data, the fusion head learns to combine them.
@@ -937,7 +937,7 @@ def save_hybrid(model, models_dir, preprocessor=None, card: dict | None = None) 
     The ``.h5`` is saved from the reload, never from ``model``: saving to ``.h5`` drops the optimizer of
     the model it saves, and ``model`` must stay intact.
     """
-    from .tabular import save_preprocessor
+    from lib.tabular.mlp import save_preprocessor
 
     d = Path(models_dir)
     d.mkdir(parents=True, exist_ok=True)

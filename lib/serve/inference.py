@@ -1,6 +1,6 @@
 """``cervical-kit-infer``: the risk score of one cell image, with or without a risk-factor record.
 
-    python -m lib.inference IMAGE [--tabular record.json|record.csv] [--model-dir D | --profile smoke|full]
+    python -m lib.serve.inference IMAGE [--tabular record.json|record.csv] [--model-dir D | --profile smoke|full]
                                  [--gradcam out.png]
 
 With ``--tabular`` it loads the saved hybrid model (``hybrid_cervical_model.keras`` and the tabular
@@ -9,7 +9,7 @@ without, it uses the image branch alone (``image_branch.keras`` from
 ``notebooks/03_image_branch.ipynb``), whose risk score is the summed probability of the abnormal
 classes, and says so.  The class is ``abnormal`` when the score reaches the threshold stored in the
 model card (default 0.5).  ``--gradcam`` writes a Grad-CAM overlay of ``top_activation``
-(:mod:`lib.gradcam`) as a PNG: for the hybrid model of the risk score, for the image branch of the
+(:mod:`lib.explain.gradcam`) as a PNG: for the hybrid model of the risk score, for the image branch of the
 likelier abnormal class.
 
 The record is one JSON object ``{"Age": 35, ...}`` or a CSV file with a header and one row; every
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .fusion import (CARD_FILE, DEFAULT_THRESHOLD, FEATURE_LAYER, H5_FILE, IMAGE_BRANCH_FILE, KERAS_FILE,
+from lib import config
+from lib.fusion.hybrid import (CARD_FILE, DEFAULT_THRESHOLD, FEATURE_LAYER, H5_FILE, IMAGE_BRANCH_FILE, KERAS_FILE,
                      PREPROCESSOR_FILE)
 
 EXIT_INPUT = 2
@@ -87,7 +87,7 @@ def _one_line(e) -> str:
 
 def load_image_array(path, image_size: int) -> np.ndarray:
     """``(1, size, size, 3)`` float32 in 0..255, or :class:`InputError` naming the file."""
-    from .input_pipeline import load_image
+    from lib.image.input_pipeline import load_image
 
     p = check_image_file(path)
     try:
@@ -194,7 +194,7 @@ def check_output_png(out) -> Path:
 
 def check_image_file(path) -> Path:
     """Exists, is a file, and Pillow can read its header (cheap, before TensorFlow is imported)."""
-    from .input_pipeline import header_problem
+    from lib.image.input_pipeline import header_problem
 
     p = Path(path)
     if not p.exists():
@@ -209,7 +209,7 @@ def check_image_file(path) -> Path:
 
 # --------------------------------------------------------------------------- the command
 def _abnormal_indices(card: dict, n_classes: int) -> tuple[list, list]:
-    from .manifest import ABNORMAL, CLASSES
+    from lib.data.manifest import ABNORMAL, CLASSES
 
     classes = card.get("image_classes") or (list(CLASSES) if n_classes == len(CLASSES) else None)
     abnormal = card.get("abnormal_classes") or list(ABNORMAL)
@@ -224,7 +224,7 @@ def _abnormal_indices(card: dict, n_classes: int) -> tuple[list, list]:
 
 def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gradcam_out=None) -> dict:
     """Everything :func:`main` prints, as a dict; raises :class:`InputError` for bad input."""
-    from . import tabular
+    from lib.tabular import mlp
 
     check_image_file(image_path)
     if gradcam_out:
@@ -240,7 +240,7 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
         pre_name = card.get("files", {}).get("preprocessor", PREPROCESSOR_FILE)
         pre_path = _need_file(d / pre_name, "tabular preprocessor JSON", "notebooks/05_late_fusion.ipynb")
         try:
-            pre = tabular.load_preprocessor(pre_path)
+            pre = mlp.load_preprocessor(pre_path)
         except ValueError as e:
             raise InputError(_one_line(e)) from None
         rec = read_record(tabular_path)
@@ -262,7 +262,7 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
             raise InputError(f"{pre_path.name} gives {x_tab.shape[1]} features but {model_path.name} expects {want}: "
                              "the two files come from different runs; rerun notebooks/05_late_fusion.ipynb")
     x_img = load_image_array(image_path, size)
-    from . import gradcam
+    from lib.explain import gradcam
 
     if tabular_path:
         feed = {"image": x_img, "tabular": x_tab}

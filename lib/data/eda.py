@@ -2,7 +2,7 @@
 
 Each function returns a matplotlib figure or a DataFrame; the notebook shows it and saves it
 with :func:`lib.plots.save_figure`. Nothing here reads raw files: it takes the validated
-tables of :mod:`lib.image_data` and :mod:`lib.uci`.
+tables of :mod:`lib.data.image_data` and :mod:`lib.data.uci`.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .atomic import atomic_path
+from lib import config
+from lib.atomic import atomic_path
 
 FEATURE_VERSION = 1  # bump when decoding/resizing/pooling changes what the features mean
 
@@ -67,7 +67,7 @@ def feature_model(backbone: str = "efficientnet_lite0", image_size: int = 224, w
     """
     import keras
 
-    from . import backbones
+    from lib.image import backbones
 
     if weights is None:
         keras.utils.set_random_seed(seed)
@@ -84,7 +84,7 @@ def compute_features(model, table, image_size: int, batch_size: int = 32, progre
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .input_pipeline import make_dataset
+    from lib.image.input_pipeline import make_dataset
 
     ds = make_dataset(table, image_size, batch_size, training=False, cache=False, labels=False)
     spec = tf.TensorSpec((None, int(image_size), int(image_size), 3), tf.float32)

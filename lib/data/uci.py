@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import config
+from lib import config
 
 TARGET = "Biopsy"
 TARGETS = ("Hinselmann", "Schiller", "Citology", "Biopsy")

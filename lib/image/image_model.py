@@ -6,7 +6,7 @@ Graph (CONTRIBUTING.md, "Image branch model")::
       -> backbone layers (flat, preprocessing inside) -> top_activation -> avg_pool -> head_dropout_1
       -> image_embedding (Dense 512, ReLU) -> head_dropout_2 -> class_probs (softmax, n_classes)
 
-Augmentation layers are inside the model (active in ``fit`` only; see :mod:`lib.input_pipeline`).
+Augmentation layers are inside the model (active in ``fit`` only; see :mod:`lib.image.input_pipeline`).
 Dropout layers are always present (rate 0 in the naive recipe) so both recipes share one graph.
 
 Recipes (:func:`naive_recipe`, :func:`regularized_recipe`) build and compile a model and say how to
@@ -15,7 +15,7 @@ accuracy; :func:`evaluate` gives the confusion matrix, per-class precision/recal
 the binary risk view (abnormal score = sum of the abnormal classes' probabilities).
 
 Nothing here knows SIPaKMeD: the number of classes, their names and the abnormal set come from
-the :class:`lib.image_data.ImageDataset`.
+the :class:`lib.data.image_data.ImageDataset`.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .input_pipeline import augmentation_layers
+from lib.atomic import atomic_path
+from lib.image.input_pipeline import augmentation_layers
 
 HEAD_LAYERS = ("avg_pool", "head_dropout_1", "image_embedding", "head_dropout_2", "class_probs")
 LEARNING_RATE = 1e-4  # the published recipe's Adam learning rate (regularized recipe)
@@ -66,7 +66,7 @@ def build_image_classifier(n_classes: int, backbone: str = "efficientnet_lite0",
     """
     import keras
 
-    from . import backbones
+    from lib.image import backbones
 
     if not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
         raise ValueError(f"parameter 'n_classes': expected an integer >= 2, got {n_classes!r}")
@@ -190,13 +190,13 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
                        weights="imagenet", seed: int = 42, train_labels=None, dropout: float = 0.3,
                        lr: float = LEARNING_RATE, patience: int = 3, unfreeze_from: str = UNFREEZE_FROM) -> Recipe:
     """The published recipe: augmentation, dropout ``dropout`` (0.2-0.3), lower blocks frozen and the top
-    blocks fine-tuned with BatchNorm frozen (:func:`lib.backbones.unfreeze_top` from ``unfreeze_from``, a
+    blocks fine-tuned with BatchNorm frozen (:func:`lib.image.backbones.unfreeze_top` from ``unfreeze_from``, a
     block prefix such as ``"block6c"`` or a layer name), Adam ``lr``, EarlyStopping on ``val_accuracy``
     restoring the best weights, and balanced class weights when ``train_labels`` are unbalanced
     (:func:`class_weights`)."""
     import keras
 
-    from . import backbones
+    from lib.image import backbones
 
     dist = strategy()
     model = build_image_classifier(n_classes, backbone, image_size, weights, dropout=dropout, augment=True,
@@ -228,7 +228,7 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
 
 def naive_settings(params: dict) -> dict:
     """``naive_epochs`` and ``naive_train_images`` from run params (profile defaults in :mod:`lib.config`)."""
-    from . import config
+    from lib import config
 
     defaults = config.PROFILES[params.get("profile", "full")]
     return {k: params[k] if params.get(k) is not None else defaults[k] for k in NAIVE_KEYS}
@@ -289,7 +289,7 @@ def fit_history(model, data, epochs: int, callbacks=None, log: bool = True, n_tr
                 started: float | None = None, **fit_kwargs) -> dict:
     """``model.fit(data, epochs=epochs, verbose=0, **fit_kwargs)`` -> :func:`train`'s history dict.
 
-    The one place a fit becomes a record, for :func:`train` and :func:`lib.cached_finetune.fit_top`.
+    The one place a fit becomes a record, for :func:`train` and :func:`lib.image.cached_finetune.fit_top`.
     ``started``: a ``time.perf_counter()`` value ``fit_seconds`` counts from (default: now), so work
     done for the fit before it (e.g. caching activations) is part of its cost.
     """
@@ -352,7 +352,7 @@ def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, see
     """
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-    from . import metrics
+    from lib import metrics
 
     classes = list(classes)
     unknown = [c for c in abnormal_classes if c not in classes]

@@ -2,7 +2,7 @@
 follow every internal link, and fail on a page that does not load, a broken link, or an
 image that did not render (``naturalWidth == 0``). Saves a full-page screenshot per page.
 
-Usage: ``python -m lib.browser_check --site _site --screenshots build/screenshots``
+Usage: ``python -m lib.report.browser_check --site _site --screenshots build/screenshots``
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def check_site(site: Path, screenshots: Path | None = None, driver=None) -> dict
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib.browser_check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m lib.report.browser_check", description=__doc__.splitlines()[0])
     ap.add_argument("--site", default="_site", type=Path)
     ap.add_argument("--screenshots", default=None, type=Path)
     args = ap.parse_args(argv)

@@ -7,7 +7,7 @@ them by an explicit, seeded protocol:
 
 1. **Split first.**  The UCI rows are split into train/val/test, stratified by ``Biopsy`` and
    seeded (:func:`split_uci`); the images are split by whole cluster groups with
-   :func:`lib.splits.grouped_split` (or keep the ``split`` column they already carry, e.g. the
+   :func:`lib.data.splits.grouped_split` (or keep the ``split`` column they already carry, e.g. the
    split the image branch was trained on).  The fractions are the same on both sides.
 2. **Pair within each split only.**  Images of the train split get train records, and so on,
    so no tabular record and no cluster group is ever on both sides of a split
@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .splits import SPLITS, grouped_split
+from lib.data.splits import SPLITS, grouped_split
 
 TARGET = "Biopsy"
 PAIRINGS = ("label_conditioned", "shuffled")
@@ -91,7 +91,7 @@ def split_uci(uci_frame, val_frac: float = 0.15, test_frac: float = 0.15, seed: 
     """``split`` (train/val/test) for every UCI row, stratified by ``target``, seeded.
 
     Test is drawn first, then val from the rest (the same order and fractions as
-    :func:`lib.splits.grouped_split`).  Returns a Series aligned with the frame's index.
+    :func:`lib.data.splits.grouped_split`).  Returns a Series aligned with the frame's index.
     """
     from sklearn.model_selection import train_test_split
 
@@ -137,7 +137,7 @@ def pair_label_conditioned(image_table, uci_frame, seed: int = 42, target: str =
     ``abnormal`` flag (protocol in the module docstring).
 
     ``image_table``: the image-table contract; its ``split`` column is used when present (e.g. the
-    split the image branch was trained on), else :func:`lib.splits.grouped_split` makes one (seeded).
+    split the image branch was trained on), else :func:`lib.data.splits.grouped_split` makes one (seeded).
     ``uci_split``: a train/val/test Series aligned with the UCI frame; default :func:`split_uci`.
     Raises ``ValueError`` naming the split and label when a split has images of a label but no
     record with that label.
