@@ -5,9 +5,11 @@ import collections
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,6 +172,78 @@ def test_reader_errors_name_the_file(tmp_path):
 def test_convert_rejects_other_networks():
     with pytest.raises(lite0.WeightsFileError, match="missing"):
         lite0.convert_state_dict({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)})
+
+
+# --------------------------------------------------------------------------- hostile tensor layouts
+# The reader turns (offset, sizes, strides) from the file into a numpy view, so crafted numbers could
+# read memory outside the storage (a segfault at worst).  Each file is loaded in a child Python with
+# faulthandler on: a crash fails the test (with the child's traceback) instead of killing pytest.
+LITE0_FILE = lite0.__file__  # the module under test; the child loads it from this file
+_ROOT = str(Path(__file__).resolve().parents[1])
+_LOAD_IN_CHILD = r"""
+import importlib.util, sys
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("lite0_under_test", sys.argv[2])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+try:
+    state = mod.read_torch_state_dict(sys.argv[3])
+except ValueError as e:
+    print(f"REFUSED {type(e).__name__}: {e}")
+    sys.exit(3)
+print("LOADED", {k: (v.shape, v.nbytes) for k, v in state.items()})
+"""
+
+
+def _load_in_child(path):
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOAD_IN_CHILD, _ROOT, LITE0_FILE, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+HOSTILE_LAYOUTS = {
+    # name: (storage elements, offset, sizes, strides)
+    "negative_stride": (4, 3, (10,), (-20_000,)),               # reads 200,000 floats before the buffer
+    "mixed_sign_strides": (4, 0, (2, 100_000), (100_000, -99_999)),  # extent looks small; crashed Python
+    "stride0_inflates": (1, 0, (4_000, 4_000), (0, 0)),          # 4 bytes -> 64 MB of one repeated float
+    "offset_past_end_empty": (4, 1_000_000, (0,), (1,)),         # an empty view far past the storage
+    "offset_past_end": (4, 10, (2,), (1,)),                      # (also refused before, without the key)
+    "sizes_strides_mismatch": (4, 0, (2, 2), (1,)),
+}
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "zip"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_LAYOUTS))
+def test_reader_refuses_views_outside_the_storage(tmp_path, fake_torch, case, fmt):
+    numel, offset, sizes, strides = HOSTILE_LAYOUTS[case]
+    key = f"blocks.{case}.weight"
+    state = collections.OrderedDict({
+        "ok": _FakeTensor(_FakeStorage("0", np.arange(6)), 0, (2, 3), (3, 1)),
+        key: _FakeTensor(_FakeStorage("1", np.arange(numel)), offset, sizes, strides),
+    })
+    path = write_torch_file(tmp_path / f"{case}.{fmt}.pth", state, fmt)
+    rc, out = _load_in_child(path)
+    assert rc == 3, f"expected a clean refusal (exit 3), got exit {rc}:\n{out[-3000:]}"
+    assert "REFUSED WeightsFileError" in out and str(path) in out and repr(key) in out, out
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "zip"])
+def test_reader_accepts_in_bounds_edge_layouts(tmp_path, fake_torch, fmt):
+    """The exact-extent check is not off by one: a view ending on the last element loads."""
+    base = np.arange(12, dtype=np.float32)
+    s = _FakeStorage("0", base)
+    state = collections.OrderedDict(
+        tail=_FakeTensor(s, 8, (2, 2), (2, 1)),        # last element read: 8 + 2 + 1 = 11, the storage's last
+        one=_FakeTensor(s, 11, (1, 1), (999, 999)),    # size-1 dimensions: their strides never move
+        empty=_FakeTensor(s, 12, (0, 5), (5, 1)),      # empty view at the very end
+    )
+    out = lite0.read_torch_state_dict(write_torch_file(tmp_path / f"edge.{fmt}.pth", state, fmt))
+    np.testing.assert_array_equal(out["tail"], base[8:12].reshape(2, 2))
+    assert out["one"].shape == (1, 1) and out["one"][0, 0] == 11
+    assert out["empty"].shape == (0, 5)
+    over = collections.OrderedDict(w=_FakeTensor(s, 9, (2, 2), (2, 1)))   # one element further: refused
+    with pytest.raises(lite0.WeightsFileError, match=r"tensor 'w'.*storage '0' holds 12"):
+        lite0.read_torch_state_dict(write_torch_file(tmp_path / f"over.{fmt}.pth", over, fmt))
 
 
 # --------------------------------------------------------------------------- conversion cache

@@ -26,6 +26,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import math
+import operator
 import pickle
 import struct
 import time
@@ -113,22 +115,58 @@ class _TensorRef:
     def __init__(self, storage, offset, shape, stride):
         if not isinstance(storage, _Storage):
             raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-        self.storage, self.offset, self.shape, self.stride = storage, int(offset), tuple(shape), tuple(stride)
+        self.storage, self.offset, self.shape, self.stride = storage, offset, tuple(shape), tuple(stride)
 
-    def to_numpy(self) -> np.ndarray:
+    def _checked_layout(self, where: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        """Validate offset, sizes and strides against the storage; return them as plain ints.
+
+        The file is untrusted and ``as_strided`` reads whatever memory the numbers point at, so the
+        view must provably stay inside the storage: integer offset and sizes >= 0, strides >= 0 (a
+        negative or mixed-sign stride reads before the buffer), one stride per size, the exact last
+        element ``offset + sum((size-1)*stride)`` inside the storage, and no more elements than the
+        storage holds (stride 0 would otherwise inflate 4 bytes into gigabytes).
+        """
+        numel = self.storage.array.size
+        try:
+            offset = operator.index(self.offset)
+            shape = tuple(operator.index(s) for s in self.shape)
+            stride = tuple(operator.index(s) for s in self.stride)
+        except TypeError:
+            raise WeightsFileError(
+                f"{where}: offset, sizes and strides must be integers, got offset {self.offset!r:.40}, "
+                f"sizes {self.shape!r:.80}, strides {self.stride!r:.80}"
+            ) from None
+        if len(shape) != len(stride):
+            raise WeightsFileError(f"{where}: {len(shape)} sizes {shape} but {len(stride)} strides {stride}")
+        if offset < 0 or any(s < 0 for s in shape) or any(st < 0 for st in stride):
+            raise WeightsFileError(
+                f"{where}: expected offset, sizes and strides >= 0, got offset {offset}, sizes {shape}, "
+                f"strides {stride}"
+            )
+        n = math.prod(shape)
+        if n == 0:
+            if offset > numel:
+                raise WeightsFileError(f"{where}: offset {offset} is past the end of storage "
+                                       f"{self.storage.key!r} ({numel} elements)")
+            return offset, shape, (0,) * len(shape)
+        extent = offset + sum((s - 1) * st for s, st in zip(shape, stride)) + 1
+        if extent > numel or n > numel - offset:
+            raise WeightsFileError(
+                f"{where}: view (offset {offset}, sizes {shape}, strides {stride}) needs "
+                f"{max(extent - offset, n)} elements from offset {offset}, but storage {self.storage.key!r} "
+                f"holds {numel}"
+            )
+        # a dimension of size 1 never moves, whatever its stride says: 0 keeps as_strided's byte strides small
+        return offset, shape, tuple(st if s > 1 else 0 for s, st in zip(shape, stride))
+
+    def to_numpy(self, where: str = "tensor") -> np.ndarray:
         flat = self.storage.array
         if flat is None:
-            raise pickle.UnpicklingError(f"storage {self.storage.key!r} has no data")
+            raise WeightsFileError(f"{where}: storage {self.storage.key!r} has no data")
+        offset, shape, stride = self._checked_layout(where)
         itemsize = flat.dtype.itemsize
-        n = int(np.prod(self.shape)) if self.shape else 1
-        last = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride)) if n else self.offset
-        if self.offset < 0 or (n and last >= flat.size):
-            raise pickle.UnpicklingError(
-                f"tensor view (offset {self.offset}, shape {self.shape}) exceeds storage {self.storage.key!r} "
-                f"of {flat.size} elements"
-            )
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], shape=self.shape, strides=tuple(st * itemsize for st in self.stride), writeable=False
+            flat[offset:], shape=shape, strides=tuple(st * itemsize for st in stride), writeable=False
         )
         return np.array(view, copy=True)
 
@@ -181,7 +219,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if storage is None:
             storage = _Storage(key, storage_type.dtype, int(numel) if numel is not None else None)
             if self._zip_reader is not None:  # zip format: bytes are in data/<key>
-                storage.array = np.frombuffer(self._zip_reader(key), dtype=storage.dtype)
+                data = self._zip_reader(key)
+                if len(data) % storage.dtype.itemsize or (
+                        storage.numel is not None and len(data) != storage.numel * storage.dtype.itemsize):
+                    raise WeightsFileError(
+                        f"{self._source}: storage data/{key} has {len(data)} bytes, expected "
+                        f"{storage.numel} elements of {storage.dtype.itemsize} bytes"
+                    )
+                storage.array = np.frombuffer(data, dtype=storage.dtype)
             self.storages[key] = storage
         return storage
 
@@ -194,12 +239,15 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _materialize(obj, source: str):
+def _materialize(obj, source: str, key: str | None = None):
+    where = f"{source}: tensor {key!r}"
     if isinstance(obj, _TensorRef):
-        return obj.to_numpy()
+        return obj.to_numpy(where)
     if isinstance(obj, dict):
-        return collections.OrderedDict((k, _materialize(v, source)) for k, v in obj.items())
-    raise WeightsFileError(f"{source}: expected a state dict of tensors, found {type(obj).__name__}")
+        return collections.OrderedDict(
+            (k, _materialize(v, source, k if key is None else f"{key}.{k}")) for k, v in obj.items())
+    raise WeightsFileError(f"{where if key is not None else source}: expected a state dict of tensors, "
+                           f"found {type(obj).__name__}")
 
 
 def _read_legacy(f, source: str) -> dict:
