@@ -232,3 +232,100 @@ def test_real_leakage_schiller():
     assert t.loc["Schiller", "sensitivity"] == pytest.approx(0.87, abs=0.005)
     assert t.loc["Schiller", "specificity"] == pytest.approx(0.97, abs=0.005)
     assert (t["auc"] > 0.6).all()
+
+
+# --------------------------------------------------------------------------- ranges and edited copies (issue 9)
+
+
+def test_every_column_has_exactly_one_range_rule():
+    groups = [uci.AGE_COLUMNS, uci.COUNT_COLUMNS, uci.YEAR_COLUMNS, uci.DOSE_COLUMNS, uci.BINARY_COLUMNS]
+    flat = [c for g in groups for c in g]
+    assert sorted(flat) == sorted(uci.EXPECTED_COLUMNS) and len(flat) == len(set(flat))
+    assert set(uci.COLUMN_RULES) == set(uci.EXPECTED_COLUMNS)
+
+
+@pytest.mark.parametrize("column, value, needle", [
+    ("Num of pregnancies", "-3", "a whole number >= 0 (a count)"),
+    ("Number of sexual partners", "1.5", "a whole number >= 0 (a count)"),
+    ("Age", "150", "a whole number 10..100 (an age in years)"),
+    ("First sexual intercourse", "4", "a whole number 10..100 (an age in years)"),
+    ("IUD (years)", "300", "0..100 (a duration in years)"),
+    ("Smokes (packs/year)", "-0.5", ">= 0 (pack-years)"),
+    ("Smokes", "2", "0 (no) or 1 (yes)"),
+    ("STDs:HIV", "0.5", "0 (no) or 1 (yes)"),
+])
+def test_out_of_range_value_names_file_column_row_rule(tmp_path, column, value, needle):
+    rows = _rows()
+    rows[2][column] = value
+    with pytest.raises(ValueError) as e:
+        uci.load_uci(write_csv(tmp_path / "ranges.csv", rows))
+    msg = str(e.value)
+    assert "ranges.csv" in msg and f"column {column!r}" in msg and "row 3" in msg and f"{value!r}" in msg
+    assert "out of range" in msg and needle in msg
+
+
+def test_blank_target_says_targets_may_not_be_missing(tmp_path):
+    rows = _rows()
+    rows[1]["Biopsy"] = ""
+    with pytest.raises(ValueError) as e:
+        uci.load_uci(write_csv(tmp_path / "t.csv", rows))
+    msg = str(e.value)
+    assert "'Biopsy'" in msg and "row 2" in msg and "expected 0 or 1 (targets may not be missing)" in msg
+
+
+def _real_copy(tmp_path, name, edit) -> Path:
+    """A copy of the real file, edited the way the known variants in the wild are."""
+    p = tmp_path / name
+    p.write_bytes(edit(REAL_CSV.read_bytes()))
+    return p
+
+
+@needs_real
+@pytest.mark.parametrize("name, edit, needles", [
+    ("minus1.csv", lambda b: b.replace(b",?", b",-1"),
+     ["missing answers written as -1 instead of '?'", "3622 cell(s)", "'Num of pregnancies': 56",
+      "first column 'Number of sexual partners', data row 38 (line 39 of the file)"]),
+    ("blank.csv", lambda b: b.replace(b",?", b","),
+     ["missing answers written as blank cells instead of '?'", "3622 cell(s)", "'IUD (years)': 117"]),
+    ("nan.csv", lambda b: b.replace(b",?", b",NaN"),
+     ["missing answers written as 'nan' instead of '?'", "'STDs: Time since first diagnosis': 787"]),
+    ("semicolon.csv", lambda b: b.replace(b",", b";"), ["separated by ';', not ','"]),
+    ("semicolon_decimal_comma.csv", lambda b: b.replace(b",", b";").replace(b".", b","),
+     ["separated by ';', not ','", "decimal commas"]),
+    ("tabs.csv", lambda b: b.replace(b",", b"\t"), ["separated by tab, not ','"]),
+    ("cytology.csv", lambda b: b.replace(b"Citology", b"Cytology", 1),
+     ["missing columns ['Citology']", "unexpected columns ['Cytology']", "edited copy",
+      "rename the column back to 'Citology'"]),
+    ("spaced.csv", lambda b: b.replace(b"Dx:CIN", b"Dx: CIN", 1),
+     ["'Dx: CIN' looks like 'Dx:CIN' edited"]),
+])
+def test_known_edited_copies_are_named(tmp_path, name, edit, needles):
+    path = _real_copy(tmp_path, name, edit)
+    with pytest.raises(ValueError) as e:
+        uci.load_uci(path)
+    msg = str(e.value)
+    assert name in msg and "make data" in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+@needs_real
+def test_latin1_byte_names_file_and_byte_offset(tmp_path):
+    raw = REAL_CSV.read_bytes()
+    at = raw.index(b"\n", 5000) + 1  # the start of a data line; 'é' in Latin-1 is 0xe9
+    path = _real_copy(tmp_path, "latin1.csv", lambda b: b[:at] + b"\xe9" + b[at:])
+    line = raw.count(b"\n", 0, at) + 1
+    with pytest.raises(ValueError) as e:
+        uci.load_uci(path)
+    msg = str(e.value)
+    assert not isinstance(e.value, UnicodeDecodeError)
+    assert "latin1.csv" in msg and f"byte 0xe9 at byte offset {at} (line {line}, column 1)" in msg
+    assert "not UTF-8" in msg and "make data" in msg
+
+
+@needs_real
+def test_byte_order_mark_is_accepted_and_changes_nothing(tmp_path):
+    path = _real_copy(tmp_path, "bom.csv", lambda b: b"\xef\xbb\xbf" + b)
+    d, ref = uci.load_uci(path), uci.load_uci(REAL_CSV)
+    assert not d.matches_uci_original
+    assert d.frame.equals(ref.frame) and d.dropped_columns == ref.dropped_columns
