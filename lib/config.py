@@ -76,9 +76,15 @@ def figures_dir(path=None) -> Path:
     return d
 
 
+UCI_FILE = "risk_factors_cervical_cancer.csv"
+#: the kit ships the original UCI table (102 kB, CC BY 4.0; see data/README.md): a fresh clone runs offline
+EMBEDDED_UCI = ROOT / "data" / "uci" / UCI_FILE
+
+
 def uci_csv_path(data_dir=None) -> Path:
-    """Expected location of the UCI risk-factors CSV under the data root."""
-    return data_root(data_dir) / "uci" / "risk_factors_cervical_cancer.csv"
+    """The UCI risk-factors CSV: ``<data root>/uci/`` when a copy is there, else the embedded one."""
+    candidate = data_root(data_dir) / "uci" / UCI_FILE
+    return candidate if candidate.is_file() else EMBEDDED_UCI
 
 
 def sipakmed_dir(data_dir=None) -> Path:

@@ -13,7 +13,19 @@ def test_data_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv(config.ENV_DATA, str(tmp_path / "env"))
     assert config.data_root() == (tmp_path / "env").resolve()
     assert config.data_root(tmp_path / "arg") == (tmp_path / "arg").resolve()
-    assert config.uci_csv_path(tmp_path) == tmp_path.resolve() / "uci" / "risk_factors_cervical_cancer.csv"
+    # no uci/ under the data folder: the embedded copy that ships with the kit
+    assert config.uci_csv_path(tmp_path) == config.EMBEDDED_UCI
+    own = tmp_path / "uci" / "risk_factors_cervical_cancer.csv"
+    own.parent.mkdir()
+    own.write_text("x")
+    assert config.uci_csv_path(tmp_path) == own.resolve()
+
+
+def test_embedded_uci_is_the_original_file():
+    import hashlib
+
+    digest = hashlib.sha256(config.EMBEDDED_UCI.read_bytes()).hexdigest()
+    assert digest == "8df193ad5c9ff4288fb4c401eef70dcd2cbda404ce7f82ac74c68cfc960ab063"
 
 
 def test_run_dirs_are_per_profile(tmp_path):

@@ -202,7 +202,6 @@ def _folder_dataset(root: Path) -> Path:
     write_image(root / "healthy" / "a.bmp", mode="L")
     write_image(root / "healthy" / "b.tif", mode="RGBA")
     (root / "healthy" / "README.txt").write_text("notes")
-    write_image(root / "healthy" / "thumbs" / "c.png")  # nested: not read
     write_image(root / ".ipynb_checkpoints" / "x.png")  # hidden folder: not a class
     (root / "LICENSE").write_text("cc")
     return root
@@ -225,6 +224,52 @@ def test_load_image_folder(tmp_path, snapshot):
     assert t["width"].tolist() == [12, 12, 12, 12, 5] and t["height"].tolist() == [9, 9, 9, 9, 6]
     s = ds.summary()
     assert s.loc["tumor", "images"] == 3 and s.loc["tumor", "groups"] == 2 and s.loc["healthy", "modes"] == "L,RGBA"
+
+
+def test_load_image_folder_refuses_nested_images_and_one_class(tmp_path):
+    root = _folder_dataset(tmp_path / "ds")
+    write_image(root / "healthy" / "thumbs" / "c.png")
+    with pytest.raises(ValueError, match=r"healthy has subfolder\(s\) with images \(\['thumbs'\]\)"):
+        D.load_image_folder(root)
+    one = tmp_path / "one"
+    write_image(one / "only" / "a.png")
+    with pytest.raises(ValueError, match=r"found 1 class folder\(s\) \['only'\]; a classifier needs at least two"):
+        D.load_image_folder(one)
+
+
+def test_group_pattern_groups_augmented_copies(tmp_path):
+    root = tmp_path / "aug"
+    for name in ("HSIL_1 (10)_0_4446.jpg", "HSIL_1 (10)_0_8415.jpg", "HSIL_2 (3)_0_1.jpg"):
+        write_image(root / "HSIL" / name)
+    for name in ("NL_10_ (1).jpg", "NL_10_ (2).jpg"):
+        write_image(root / "NL" / name)
+    ds = D.load_image_folder(root, ["HSIL"], group_pattern=r"^(?P<group>.+?)_\d+_\d+$")
+    assert ds.table["group"].tolist() == ["HSIL/HSIL_1 (10)", "HSIL/HSIL_1 (10)", "HSIL/HSIL_2 (3)",
+                                          "NL/NL_10_ (1).jpg", "NL/NL_10_ (2).jpg"]
+    assert ds.group_rules == {"pattern": 3, "file": 2}
+    with pytest.raises(ValueError, match=r"group_pattern.*matched no file name"):
+        D.load_image_folder(root, group_pattern=r"^zzz(\d+)$")
+    with pytest.raises(ValueError, match=r"group_pattern.*needs one capturing group"):
+        D.load_image_folder(root, group_pattern=r"^HSIL")
+    with pytest.raises(ValueError, match=r"group_pattern.*not a valid regular expression"):
+        D.load_image_folder(root, group_pattern=r"(unclosed")
+
+
+def test_shipped_split_folders_recognised(tmp_path):
+    root = tmp_path / "shipped"
+    write_image(root / "train" / "SCC" / "SCC_1 (1)_0_1.jpg")
+    write_image(root / "test" / "SCC" / "SCC_1 (1)_0_2.jpg")  # a copy of the same source on the other side
+    write_image(root / "train" / "NL" / "NL_1.jpg")
+    write_image(root / "test" / "NL" / "NL_2.jpg")
+    ds = D.load_image_folder(root, ["SCC"], group_pattern=r"^(?P<group>.+?)_\d+_\d+$")
+    assert ds.layout == "split-folders" and ds.classes == ["NL", "SCC"]
+    assert sorted(ds.table["shipped_split"]) == ["test", "test", "train", "train"]
+    sides = ds.table.groupby("group")["shipped_split"].nunique()
+    assert sides.loc["SCC/SCC_1 (1)"] == 2
+    (root / "extra").mkdir()
+    write_image(root / "extra" / "x.jpg")
+    with pytest.raises(ValueError, match="mixes split folders"):
+        D.load_image_folder(root)
 
 
 def test_load_image_folder_abnormal_classes(tmp_path):

@@ -55,6 +55,7 @@ class ImageDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     layout: str | None = None
     marker: str | None = None
+    group_rules: dict = field(default_factory=dict)  # images grouped by each rule: pattern / cluster / file
 
     @property
     def synthetic(self) -> bool:
@@ -247,45 +248,116 @@ def load_sipakmed(root, on_bad: str = "raise") -> ImageDataset:
             files.append((p, cls, f"{cls}/{m.group(1)}" if m else None))
     rows, skipped = _scan(files, on_bad, f"SIPaKMeD folder {root}")
     source = "synthetic" if _find_marker(root) else f"sipakmed-{layout}"
-    return _build(rows, list(CLASSES), list(ABNORMAL), source, root, skipped, layout)
+    ds = _build(rows, list(CLASSES), list(ABNORMAL), source, root, skipped, layout)
+    ds.group_rules = {"cluster": int(len(ds.table))}
+    return ds
 
 
 # --------------------------------------------------------------------------- any folder-per-class dataset
-def load_image_folder(root, abnormal_classes=(), on_bad: str = "raise") -> ImageDataset:
-    """Any ``root/<class>/<image>`` dataset (images directly in each class folder).
+#: names of shipped split folders (``root/train/<class>/...``); the kit re-splits by group anyway
+SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")
 
-    Groups: a file named like ``NNN_MM.<ext>`` (cell MM of cluster image NNN, as in
-    SIPaKMeD) joins group ``"<class>/<NNN>"``; any other file is its own group
-    ``"<class>/<file name>"``, i.e. images are assumed independent - if yours are not
-    (several crops of one slide or patient), rename them or set ``group`` yourself
-    before splitting.  ``abnormal_classes`` names the positive classes of the binary view.
+
+def compile_group_pattern(pattern):
+    """``group_pattern`` as a compiled regex with one capture (named ``group`` or the first).
+
+    It is searched in each file's stem (name without extension); the captured text, inside its
+    class, is the group: e.g. ``^(?P<group>.+?)_\d+_\d+$`` makes ``HSIL_1 (10)_0_4446.jpg`` and
+    ``HSIL_1 (10)_0_8415.jpg`` (two augmented copies of one source image) one group.
+    """
+    if pattern is None or isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        rx = re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise ValueError(f"parameter 'group_pattern': {pattern!r} is not a valid regular expression ({exc})") from None
+    if rx.groups < 1:
+        raise ValueError(f"parameter 'group_pattern': {pattern!r} needs one capturing group, e.g. "
+                         "'^(?P<group>.+?)_\\d+_\\d+$' (the captured text names the source image)")
+    return rx
+
+
+def _group_of(name: str, cls: str, rx) -> tuple[str, str]:
+    """(group, rule that made it): pattern match, SIPaKMeD cell name, or the file itself."""
+    stem = Path(name).stem
+    if rx is not None:
+        m = rx.search(stem)
+        if m:
+            g = m.group("group") if "group" in rx.groupindex else m.group(1)
+            return f"{cls}/{g}", "pattern"
+    m = _CELL_NAME.match(stem)
+    if m and rx is None:
+        return f"{cls}/{m.group(1)}", "cluster"
+    return f"{cls}/{name}", "file"
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_image_folder(root, abnormal_classes=(), on_bad: str = "raise", group_pattern=None) -> ImageDataset:
+    """Any ``root/<class>/<image>`` dataset, or one that ships its split as ``root/train/<class>/...``
+    and ``root/test/<class>/...`` (the shipped split is kept in column ``shipped_split``; the kit
+    re-splits by group, because shipped splits often put copies of one image on both sides).
+
+    Groups (the unit that never crosses a split): ``group_pattern`` when given (see
+    :func:`compile_group_pattern`; files it does not match are their own group, counted in
+    ``group_rules``); else SIPaKMeD-style ``NNN_MM`` names group by cluster ``NNN``; else every
+    file is its own group - images are then assumed independent, and the kit says so.
+    Images in nested subfolders of a class folder are refused (they would be silently
+    ignored otherwise); a dataset needs at least two classes.
     """
     _check_on_bad(on_bad)
     root = _check_root(root)
     if isinstance(abnormal_classes, str):
         abnormal_classes = (abnormal_classes,)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    rx = compile_group_pattern(group_pattern)
+    top = _class_dirs(root)
+    if not top:
         raise ValueError(f"unknown layout in {root}: expected one subfolder per class (root/<class>/<image>); "
                          f"{_describe_folder(root)}")
-    classes = [p.name for p in class_dirs]
+    shipped = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
+    if shipped and len(shipped) != len(top):
+        raise ValueError(f"image folder {root} mixes split folders {[d.name for d in shipped]} with class folders "
+                         f"{[d.name for d in top if d not in shipped]}; use one layout")
+    parts = [(d.name.lower(), _class_dirs(d)) for d in shipped] if shipped else [(None, top)]
+    classes = sorted({d.name for _, dirs in parts for d in dirs})
+    if len(classes) < 2:
+        raise ValueError(f"image folder {root}: found {len(classes)} class folder(s) {classes}; a classifier needs "
+                         "at least two (expected root/<class>/<image> with one folder per class)")
     unknown = sorted(set(abnormal_classes) - set(classes))
     if unknown:
         raise ValueError(f"parameter 'abnormal_classes': {unknown} not among the class folders {classes} of {root}")
-    files = []
-    for d in class_dirs:
-        images = _image_files(d)
-        if not images:
-            raise ValueError(
-                f"class folder {d} has no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)} directly "
-                f"inside it); {_describe_folder(d)}"
-            )
-        for p in images:
-            m = _CELL_NAME.match(p.stem)
-            files.append((p, d.name, f"{d.name}/{m.group(1)}" if m else f"{d.name}/{p.name}"))
+    files, shipped_of, rules = [], {}, {"pattern": 0, "cluster": 0, "file": 0}
+    for split_name, dirs in parts:
+        for d in dirs:
+            nested = [p for p in _class_dirs(d) if _image_files(p)]
+            if nested:
+                raise ValueError(
+                    f"class folder {d} has subfolder(s) with images ({[p.name for p in nested[:3]]}); the kit reads "
+                    "images directly inside each class folder only. Move them up, or point the kit at the subfolder")
+            images = _image_files(d)
+            if not images:
+                raise ValueError(
+                    f"class folder {d} has no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)} "
+                    f"directly inside it); {_describe_folder(d)}"
+                )
+            for p in images:
+                group, rule = _group_of(p.name, d.name, rx)
+                rules[rule] += 1
+                files.append((p, d.name, group))
+                if split_name is not None:
+                    shipped_of[str(p)] = "test" if split_name == "test" else ("val" if split_name.startswith("val") else "train")
+    if rx is not None and rules["pattern"] == 0:
+        raise ValueError(f"parameter 'group_pattern': {rx.pattern!r} matched no file name in {root} "
+                         f"(e.g. {files[0][0].stem!r}); every image would be its own group")
     rows, skipped = _scan(files, on_bad, f"image folder {root}")
     abnormal = [c for c in classes if c in set(abnormal_classes)]
-    return _build(rows, classes, abnormal, "folder", root, skipped, "folder")
+    ds = _build(rows, classes, abnormal, "folder", root, skipped, "split-folders" if shipped else "folder")
+    if shipped:
+        ds.table["shipped_split"] = ds.table["path"].map(shipped_of)
+    ds.group_rules = {k: v for k, v in rules.items() if v}
+    return ds
 
 
 # --------------------------------------------------------------------------- subsampling
@@ -335,7 +407,7 @@ def subsample(dataset: ImageDataset, images_per_class: int | None, seed: int = 4
                          f"{empty} is larger than {images_per_class} images; ask for more images or whole_groups=False")
     return ImageDataset(table=table, classes=list(dataset.classes), abnormal_classes=list(dataset.abnormal_classes),
                         source=dataset.source, root=dataset.root, skipped=list(dataset.skipped),
-                        layout=dataset.layout, marker=dataset.marker)
+                        layout=dataset.layout, marker=dataset.marker, group_rules=dict(dataset.group_rules))
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -369,7 +441,7 @@ def _real_data_present(folder: Path) -> bool:
 
 
 def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_class: int | None = None,
-                       folder_abnormal=None) -> ImageDataset:
+                       folder_abnormal=None, group_pattern=None) -> ImageDataset:
     """The one entry point notebooks use.
 
     ``source``: ``"auto"`` (real SIPaKMeD under ``config.sipakmed_dir(data_dir)`` when that
@@ -408,7 +480,8 @@ def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_
             is_sip = detect_sipakmed_layout(path) is not None
         except (ValueError, FileNotFoundError):
             is_sip = True  # let load_sipakmed raise its precise message
-        ds = load_sipakmed(path) if is_sip else load_image_folder(path, abnormal_classes=folder_abnormal or ())
+        ds = load_sipakmed(path) if is_sip else load_image_folder(path, abnormal_classes=folder_abnormal or (),
+                                                                  group_pattern=group_pattern)
     if ds.synthetic:  # e.g. the stand-in copied where real data belongs: still say so, loudly
         _banner(f"the loaded folder carries a {MARKER} marker.")
         warnings.warn(f"dataset at {ds.root} is SYNTHETIC (marker {ds.marker})", UserWarning, stacklevel=2)
