@@ -306,3 +306,57 @@ def test_converted_lite0_classifies_sample_photos():
     top5 = np.argsort(probs, axis=1)[:, ::-1][:, :5]
     assert 985 in top5[0], f"flower.jpg top-5 {top5[0].tolist()} lacks {IMAGENET_NAMES[985]!r}"
     assert {442, 698} & set(top5[1].tolist()), f"china.jpg top-5 {top5[1].tolist()} lacks bell cote / palace"
+
+
+# --------------------------------------------------------------------------- cache-independent seeding
+def _seeded_draws(seed, between):
+    """Seed globally, run ``between`` (the weights work under test), then draw the way a notebook does.
+
+    Returns a small model's initial weights (unseeded initialisers), its dropout mask in training
+    mode, and one draw each from NumPy's and Python's global generators.
+    """
+    import random
+
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    between()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dropout(0.5),
+                              keras.layers.Dense(2)])
+    out = model(np.ones((4, 8), np.float32), training=True)
+    return [w.copy() for w in model.get_weights()] + [np.asarray(out), np.random.random(3), np.array(random.random())]
+
+
+def _assert_same_draws(a, b, what):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(x, y, err_msg=f"{what}: draw {i} differs")
+
+
+@pytest.mark.slow
+def test_cold_and_warm_weights_cache_give_the_same_seeded_draws(tmp_path, monkeypatch):
+    """Converting (cold cache) or first loading the weights must not consume the seeded global RNG."""
+    monkeypatch.setenv("CERVICAL_KIT_CACHE", str(tmp_path / "cache"))
+    seed = 1234
+    reference = _seeded_draws(seed, lambda: None)
+
+    n0 = lite0.conversion_count
+    cold = _seeded_draws(seed, lite0.lite0_weights_path)
+    assert lite0.conversion_count == n0 + 1, "the cache was not cold"
+    warm = _seeded_draws(seed, lite0.lite0_weights_path)
+    assert lite0.conversion_count == n0 + 1, "the cache was not reused"
+    _assert_same_draws(cold, warm, "cold vs warm weights cache")
+    _assert_same_draws(reference, warm, "no weights work vs warm cache")
+
+    import keras
+
+    def with_head():  # not a standalone Lite0: loaded by name through a reference model, cached in-process
+        base = lite0.build_lite0(image_size=32)
+        return keras.Model(base.input, keras.layers.Dense(2, name="head")(base.output))
+
+    first_model, again_model = with_head(), with_head()
+    lite0._weights_cache.clear()
+    first = _seeded_draws(seed, lambda: lite0.load_lite0_imagenet(first_model))
+    again = _seeded_draws(seed, lambda: lite0.load_lite0_imagenet(again_model))
+    _assert_same_draws(first, again, "first vs in-process cached by-name load")
+    _assert_same_draws(reference, first, "no weights work vs first by-name load")

@@ -11,6 +11,8 @@ Keras's ``weights="imagenet"`` needs the internet (storage.googleapis.com).  The
    tf-keras-vis Grad-CAM can reach ``top_activation``) -> :func:`build_lite0`;
 3. converts the weights once into a Keras weights file in the cache, keyed by the source file's
    sha256, and reuses it thereafter -> :func:`lite0_weights_path`, :func:`load_lite0_imagenet`.
+   Neither moves the global random state, so a seeded run gives the same numbers on a cold
+   and a warm cache.
 
 EfficientNet-Lite0 = EfficientNet-B0 without squeeze-excitation, with ReLU6 instead of swish, and
 with the stem (32 ch) and head (1280 ch) fixed.  Input: float RGB in 0..255; the graph itself
@@ -24,11 +26,13 @@ Typical use goes through :func:`lib.image.backbones.build_backbone`::
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import math
 import operator
 import pickle
+import random
 import struct
 import time
 import zipfile
@@ -509,6 +513,37 @@ def source_weights_path() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _global_rng_untouched():
+    """Run a block without moving the global random state a seeded notebook relies on.
+
+    Building a Keras model draws a seed from Python's ``random`` for every unseeded initialiser
+    and dropout layer.  The helper models built here (the conversion model, the by-name reference)
+    exist only on a cold weights cache or a first load in a process, so their draws would make a
+    seeded run's numbers depend on the cache.  Restored afterwards: Python ``random``, NumPy's
+    global generator, and Keras's global ``SeedGenerator`` (the state unseeded ``keras.random``
+    ops use; reached through ``keras.src``, skipped if a Keras version moves it).
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random import seed_generator
+    except ImportError:  # pragma: no cover - other Keras layout: Python and NumPy are still restored
+        global_state = None
+    if global_state is not None:
+        gen = global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
+        gen_state = None if gen is None else np.array(gen.state.numpy(), copy=True)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if global_state is not None:
+            global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, gen)
+            if gen is not None:
+                gen.state.assign(gen_state)
+
+
 last_conversion_seconds: float | None = None  # set by lite0_weights_path when it converts
 conversion_count = 0  # conversions done by this process (tests check the cache is reused)
 
@@ -546,10 +581,11 @@ def lite0_weights_path(cache_dir=None, source=None) -> Path:
 
     t0 = time.perf_counter()
     arrays = convert_state_dict(read_torch_state_dict(source))
-    model = build_lite0(image_size=224, include_top=True)
-    set_weights_by_name(model, arrays, strict=True)
     import h5py
 
+    with _global_rng_untouched():  # a cold cache must give the same seeded numbers as a warm one
+        model = build_lite0(image_size=224, include_top=True)
+    set_weights_by_name(model, arrays, strict=True)
     with atomic_path(target, suffix=".weights.h5") as tmp:  # Keras insists on the suffix
         model.save_weights(str(tmp))
         with h5py.File(tmp, "a") as f:
@@ -576,7 +612,8 @@ def read_lite0_weights(path=None) -> dict[str, list[np.ndarray]]:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _weights_cache:
-        ref = build_lite0(image_size=224, include_top=True)
+        with _global_rng_untouched():  # a first load in a process must not shift the caller's seeded draws
+            ref = build_lite0(image_size=224, include_top=True)
         try:
             ref.load_weights(str(path))
         except Exception as e:
