@@ -5,6 +5,12 @@ sensitivity at a fixed specificity, and a calibration view - never accuracy alon
 
 * :func:`binary_report` - AUC, AP, sensitivity at a fixed specificity, F1, accuracy,
   precision, recall, specificity and Brier score, each with a percentile bootstrap 95% CI.
+  ``groups=`` makes the bootstrap resample whole groups (cluster images, source images) or,
+  with ``groups=(image_groups, record_ids)``, both factors of the fusion pairs at once
+  (two-way "pigeonhole" bootstrap); every report names its method in ``report["method"]``.
+* :func:`bootstrap_interval` - one metric (AUC, AP, sensitivity at specificity or your own
+  function) through the same resampling; :func:`naive_vs_grouped` sets the naive interval
+  beside the group-aware one; :func:`methods_note` is the line to print under a table.
 * :func:`cv_summary` - mean, std and a 95% CI of per-fold scores (Nadeau-Bengio
   corrected, because the folds of (repeated) cross-validation share training rows).
 * :func:`calibration_table`, :func:`plot_roc_pr`, :func:`plot_calibration`.
@@ -16,6 +22,7 @@ Nothing here writes files; notebooks save figures with :func:`lib.plots.save_fig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -103,6 +110,22 @@ def _sens_at_spec(y, s, spec_target):
     return float(tpr[i]), float(thr[i])
 
 
+def sensitivity_at_specificity(y_true, y_score, spec_target: float = 0.90) -> float:
+    """Highest sensitivity at a threshold whose specificity is >= ``spec_target``; NaN with one class.
+
+    Screening fixes how many healthy women it may recall (the specificity) and asks how many
+    cases it then finds; this is that number.
+    """
+    y, s = _check(y_true, y_score)
+    _check_spec(spec_target)
+    return _sens_at_spec(y, s, spec_target)[0]
+
+
+def _check_spec(spec_target):
+    if not 0 < spec_target < 1:
+        raise ValueError(f"parameter 'spec_target': expected a value in (0, 1), got {spec_target!r}")
+
+
 def _threshold_metrics(y, s, threshold):
     pred = s >= threshold
     tp = float((pred & y).sum())
@@ -133,53 +156,303 @@ def _point_metrics(y, s, threshold, spec_target):
 METRIC_NAMES = ("auc", "ap", "sens_at_spec", "f1", "accuracy", "precision", "recall", "specificity", "brier")
 
 
+# --------------------------------------------------------------------------- resampling designs
+#
+# Why groups: cells cut from one cluster image share stain, focus and patient; in the fusion
+# cohort one UCI record stands in for ~29 abnormal images.  Resampling images one by one treats
+# those as independent evidence and gives intervals that are too narrow.  The unit that was
+# sampled (the group) is the unit to resample.
+
+_DEFAULT_NAMES = {"rows": "rows", "cluster": "groups", "two-way": ("image groups", "UCI records")}
+
+
+def _json_float(x):
+    """float, or None where undefined: strict JSON has no NaN."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _factor(values, n, what):
+    """Integer codes 0..G-1 for one grouping factor (order of first appearance)."""
+    v = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else np.asarray(values, dtype=object)
+    if v.ndim != 1 or len(v) != n:
+        raise ValueError(f"parameter {what}: expected one group label per sample ({n}), got shape {np.shape(v)}")
+    codes, uniques = pd.factorize(v, use_na_sentinel=True)
+    if (codes < 0).any():
+        raise ValueError(f"parameter {what}: {int((codes < 0).sum())} missing group label(s) (None/NaN); "
+                         "every sample needs a group")
+    return codes.astype(np.int64), len(uniques)
+
+
+def _strata(codes, n_groups, y, stratify):
+    """Groups holding a positive vs groups without, when both exist (so each draw keeps both classes)."""
+    has_pos = np.bincount(codes, weights=y.astype("float64"), minlength=n_groups) > 0
+    if stratify and has_pos.any() and not has_pos.all():
+        return [np.flatnonzero(has_pos), np.flatnonzero(~has_pos)], int(has_pos.sum()), True
+    return [np.arange(n_groups)], int(has_pos.sum()), False
+
+
+class _Design:
+    """How one bootstrap draw is made: ``rows`` (today's independent rows), ``cluster`` (whole
+    groups) or ``two-way`` (both factors of a crossed design, pairs weighted by multiplicity)."""
+
+    def __init__(self, y, groups, stratify: bool, group_names):
+        n = len(y)
+        self.n = n
+        if groups is None:
+            self.kind, self.factors = "rows", []
+        elif (isinstance(groups, (tuple, list)) and len(groups) == 2
+              and all(np.ndim(g) == 1 and len(g) == n for g in groups)):
+            self.kind = "two-way"
+            self.factors = [_factor(groups[0], n, "'groups[0]'"), _factor(groups[1], n, "'groups[1]'")]
+        else:
+            self.kind, self.factors = "cluster", [_factor(groups, n, "'groups'")]
+        names = _DEFAULT_NAMES[self.kind] if group_names is None else group_names
+        self.names = [names] if isinstance(names, str) else list(names)
+        if len(self.names) != max(1, len(self.factors)):
+            raise ValueError(f"parameter 'group_names': expected {max(1, len(self.factors))} name(s) for a "
+                             f"{self.kind} bootstrap, got {group_names!r}")
+        self.strata, self.n_pos_groups, self.stratified = [], [], []
+        for codes, g in self.factors:
+            st, n_pos, done = _strata(codes, g, y, stratify)
+            self.strata.append(st)
+            self.n_pos_groups.append(n_pos)
+            self.stratified.append(done)
+
+    @property
+    def n_groups(self):
+        return [g for _, g in self.factors]
+
+    def _counts(self, k, rng):
+        """How often each group of factor ``k`` is drawn (each stratum resampled to its own size)."""
+        g = self.factors[k][1]
+        counts = np.zeros(g, dtype=np.int64)
+        for st in self.strata[k]:
+            counts += np.bincount(st[rng.integers(0, len(st), len(st))], minlength=g)
+        return counts
+
+    def draw(self, rng) -> np.ndarray:
+        """Row indices of one resample, repeated by multiplicity (order does not matter to any metric)."""
+        if self.kind == "rows":
+            return rng.integers(0, self.n, self.n)  # exactly today's draw: same numbers for a seed
+        w = np.ones(self.n, dtype=np.int64)
+        for k, (codes, _) in enumerate(self.factors):
+            w *= self._counts(k, rng)[codes]  # two-way: a pair survives only if both members were drawn
+        return np.repeat(np.arange(self.n), w)
+
+    def describe(self, n_boot: int, ci: float, n_undefined: int) -> str:
+        """The short line a table prints under itself."""
+        level = f"{ci:.0%}".replace(".0%", "%")
+        if self.kind == "rows":
+            text = f"{level} percentile bootstrap over {self.n} {self.names[0]} resampled independently"
+        else:
+            parts = []
+            for (_, g), name, n_pos, strat in zip(self.factors, self.names, self.n_pos_groups, self.stratified):
+                parts.append(f"{g} {name} ({n_pos} with positives{', stratified' if strat else ''})")
+            if self.kind == "cluster":
+                text = f"{level} percentile bootstrap over {parts[0]}"
+            else:
+                text = (f"{level} two-way (pigeonhole) percentile bootstrap over {parts[0]} x {parts[1]}, "
+                        "pairs weighted by how often both members were drawn")
+        text += f", {n_boot} draws"
+        if n_undefined:
+            text += (f"; {n_undefined} draw{'' if n_undefined == 1 else 's'} with one class only "
+                     "(left out wherever a metric needs both)")
+        return text
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "n_rows": int(self.n), "group_names": list(self.names),
+                "n_groups": [int(g) for g in self.n_groups],
+                "n_groups_with_positives": [int(p) for p in self.n_pos_groups],
+                "stratified": [bool(s) for s in self.stratified]}
+
+
+def _undefined(y_sample) -> bool:
+    """A resample on which AUC/AP/sensitivity are undefined: empty or one class only."""
+    k = int(y_sample.sum())
+    return k == 0 or k == len(y_sample)
+
+
+def _percentile(values, alpha):
+    b = np.asarray(values, dtype="float64")
+    b = b[np.isfinite(b)]
+    if not len(b):
+        return None, None, 0
+    lo, hi = np.quantile(b, [alpha, 1 - alpha])
+    return float(lo), float(hi), int(len(b))
+
+
+def _check_boot(n_boot, ci):
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"parameter 'n_boot': expected a non-negative integer, got {n_boot!r}")
+    if not 0 < ci < 1:
+        raise ValueError(f"parameter 'ci': expected a coverage in (0, 1), e.g. 0.95, got {ci!r}")
+
+
 def binary_report(y_true, y_score, threshold: float = 0.5, n_boot: int = 1000, seed: int = 42,
-                  spec_target: float = 0.90, ci: float = 0.95) -> dict:
+                  spec_target: float = 0.90, ci: float = 0.95, groups=None, stratify: bool = True,
+                  group_names=None) -> dict:
     """Point estimates with percentile-bootstrap confidence intervals.
 
-    Returns a JSON-ready dict: ``n``, ``n_pos``, ``prevalence``, ``threshold``, ``spec_target``,
-    ``threshold_at_spec`` (the score cut that achieves ``spec_target`` on these data), ``n_boot``,
-    ``ci``, and one entry per metric of :data:`METRIC_NAMES`, each ``{"value", "ci_low", "ci_high"}``.
+    Returns a strict-JSON dict (undefined numbers are ``None``, never NaN): ``n``, ``n_pos``,
+    ``prevalence``, ``threshold``, ``spec_target``, ``threshold_at_spec`` (the score cut that
+    achieves ``spec_target`` on these data), ``n_boot``, ``ci``, ``method`` (one line naming the
+    resampling, to print under the table), ``bootstrap`` (the design: kind, groups, strata),
+    ``n_boot_undefined`` (draws with one class only, or empty) and one entry per metric of
+    :data:`METRIC_NAMES`, each ``{"value", "ci_low", "ci_high", "n_draws"}`` (``n_draws``: draws on
+    which that metric was defined and so entered its interval).
+
     ``sens_at_spec`` is the sensitivity at specificity >= ``spec_target``; F1, accuracy,
-    precision, recall and specificity use ``score >= threshold``.  Bootstrap resamples rows
-    with replacement (``n_boot`` times, seeded); a resample without both classes is skipped for
-    the metrics that need both.  With few positives the intervals are wide - that is the point.
+    precision, recall and specificity use ``score >= threshold``.
+
+    Resampling (``n_boot`` draws, seeded, deterministic):
+
+    * ``groups=None`` - rows with replacement, independently (the behaviour before groups
+      existed: the same numbers for the same seed).  Right only when rows are independent.
+    * ``groups=labels`` (one per row, e.g. the cluster image of each cell) - a cluster bootstrap:
+      whole groups are drawn with replacement and every row of a drawn group comes along.  With
+      ``stratify`` (default) groups holding a positive and groups without are resampled
+      separately, each to its own count, so every draw keeps both classes whenever the data allow.
+    * ``groups=(g1, g2)`` - the two-way ("pigeonhole") bootstrap for crossed designs such as the
+      fusion cohort, where each test pair has an image group *and* a UCI record and one record is
+      reused for many images: the ``g1`` groups and the ``g2`` groups are drawn independently and
+      a pair enters the draw with weight (times its ``g1`` group was drawn) x (times its ``g2``
+      group was drawn), so pairs whose members were not both drawn drop out.  Owen, A. B. (2007),
+      "The pigeonhole bootstrap", Annals of Applied Statistics 1(2):386-411; Owen & Eckles (2012),
+      "Bootstrapping data arrays of arbitrary order", Annals of Applied Statistics 6(3):895-927.
+      Owen shows the variance estimate is mildly conservative, which suits a teaching kit.
+
+    ``group_names`` name the units in ``method`` (a string, or two for the two-way design).
+    A draw on which a metric is undefined (e.g. AUC with one class) is left out of that metric's
+    interval and counted.  With few positive groups the intervals are wide - that is the point.
     """
     y, s = _check(y_true, y_score)
-    if not 0 < spec_target < 1:
-        raise ValueError(f"parameter 'spec_target': expected a value in (0, 1), got {spec_target!r}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"parameter 'n_boot': expected a non-negative integer, got {n_boot!r}")
+    _check_spec(spec_target)
+    _check_boot(n_boot, ci)
+    design = _Design(y, groups, stratify, group_names)
     point = _point_metrics(y, s, threshold, spec_target)
     _, thr_at_spec = _sens_at_spec(y, s, spec_target)
     rng = np.random.default_rng(seed)
     boots = {k: [] for k in METRIC_NAMES}
-    n = len(y)
+    n_undefined = 0
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        m = _point_metrics(y[idx], s[idx], threshold, spec_target)
+        idx = design.draw(rng)
+        if len(idx) == 0:  # two-way: no pair had both members drawn
+            n_undefined += 1
+            continue
+        yb = y[idx]
+        n_undefined += _undefined(yb)
+        m = _point_metrics(yb, s[idx], threshold, spec_target)
         for k in METRIC_NAMES:
             boots[k].append(m[k])
     alpha = (1 - ci) / 2
     report = {
-        "n": int(n), "n_pos": int(y.sum()), "prevalence": float(y.mean()), "threshold": float(threshold),
-        "spec_target": float(spec_target), "threshold_at_spec": thr_at_spec, "n_boot": int(n_boot), "ci": ci,
+        "n": int(len(y)), "n_pos": int(y.sum()), "prevalence": float(y.mean()), "threshold": float(threshold),
+        "spec_target": float(spec_target), "threshold_at_spec": _json_float(thr_at_spec), "n_boot": int(n_boot),
+        "ci": ci, "method": design.describe(n_boot, ci, n_undefined), "bootstrap": design.summary(),
+        "n_boot_undefined": int(n_undefined),
     }
     for k in METRIC_NAMES:
-        b = np.asarray(boots[k], dtype="float64")
-        b = b[np.isfinite(b)]
-        lo, hi = (np.quantile(b, [alpha, 1 - alpha]) if len(b) else (np.nan, np.nan))
-        report[k] = {"value": float(point[k]), "ci_low": float(lo), "ci_high": float(hi)}
+        lo, hi, used = _percentile(boots[k], alpha)
+        report[k] = {"value": _json_float(point[k]), "ci_low": lo, "ci_high": hi, "n_draws": used}
     return report
 
 
+_SINGLE = {
+    "auc": lambda y, s, spec: _auc(y, s),
+    "ap": lambda y, s, spec: _ap(y, s),
+    "sens_at_spec": lambda y, s, spec: _sens_at_spec(y, s, spec)[0],
+}
+
+
+def bootstrap_interval(y_true, y_score, metric: str | Callable = "auc", n_boot: int = 1000, seed: int = 42,
+                       ci: float = 0.95, groups=None, stratify: bool = True, group_names=None,
+                       spec_target: float = 0.90) -> dict:
+    """One metric with a percentile-bootstrap interval, through the same resampling as
+    :func:`binary_report` (same ``groups`` / ``stratify`` / ``group_names`` meaning, same draws
+    for the same seed and design).
+
+    ``metric``: ``"auc"``, ``"ap"``, ``"sens_at_spec"`` (at ``spec_target``) or a function
+    ``f(y_bool, scores) -> float`` returning NaN where undefined.  Cheaper than a full report when
+    one number is needed.  Returns ``{"metric", "value", "ci_low", "ci_high", "n_draws", "n_boot",
+    "n_boot_undefined", "ci", "method", "bootstrap"}``, strict JSON (``None`` where undefined).
+    """
+    y, s = _check(y_true, y_score)
+    _check_spec(spec_target)
+    _check_boot(n_boot, ci)
+    if callable(metric):
+        fn, name = (lambda yy, ss, spec: metric(yy, ss)), getattr(metric, "__name__", "custom")
+    elif metric in _SINGLE:
+        fn, name = _SINGLE[metric], metric
+    else:
+        raise ValueError(f"parameter 'metric': expected one of {sorted(_SINGLE)} or a function, got {metric!r}")
+    design = _Design(y, groups, stratify, group_names)
+    rng = np.random.default_rng(seed)
+    values, n_undefined = [], 0
+    for _ in range(n_boot):
+        idx = design.draw(rng)
+        if len(idx) == 0 or _undefined(y[idx]):
+            n_undefined += 1
+            if len(idx) == 0:
+                continue
+        values.append(fn(y[idx], s[idx], spec_target))
+    lo, hi, used = _percentile(values, (1 - ci) / 2)
+    return {"metric": name, "value": _json_float(fn(y, s, spec_target)), "ci_low": lo, "ci_high": hi,
+            "n_draws": used, "n_boot": int(n_boot), "n_boot_undefined": int(n_undefined), "ci": ci,
+            "method": design.describe(n_boot, ci, n_undefined), "bootstrap": design.summary()}
+
+
+def naive_vs_grouped(y_true, y_score, groups, metric: str | Callable = "auc", n_boot: int = 1000,
+                     seed: int = 42, ci: float = 0.95, group_names=None, spec_target: float = 0.90) -> dict:
+    """The same metric with the naive (rows independent) and the group-aware interval, side by side.
+
+    Returns ``{"naive": ..., "grouped": ..., "width_naive", "width_grouped", "width_ratio"}``
+    (:func:`bootstrap_interval` dicts; ratio = grouped / naive width, ``None`` when undefined) -
+    the one comparison that shows how much a row-wise bootstrap overstates what the data know.
+    """
+    kw = dict(metric=metric, n_boot=n_boot, seed=seed, ci=ci, spec_target=spec_target)
+    naive = bootstrap_interval(y_true, y_score, **kw)
+    grouped = bootstrap_interval(y_true, y_score, groups=groups, group_names=group_names, **kw)
+
+    def width(r):
+        return None if r["ci_low"] is None else r["ci_high"] - r["ci_low"]
+
+    wn, wg = width(naive), width(grouped)
+    ratio = wg / wn if wn and wg is not None else None
+    return {"naive": naive, "grouped": grouped, "width_naive": wn, "width_grouped": wg, "width_ratio": ratio}
+
+
+def _fmt(x, digits=3):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
 def report_table(reports: dict) -> pd.DataFrame:
-    """``{name: binary_report(...)}`` -> one row per model, "value [low, high]" strings, for display."""
+    """``{name: binary_report(...)}`` -> one row per model, "value [low, high]" strings, for display.
+
+    ``n/a`` marks an undefined number.  The resampling methods are in ``table.attrs["method"]``
+    (print :func:`methods_note` under the table).
+    """
     rows = {}
     for name, rep in reports.items():
-        rows[name] = {k: f"{rep[k]['value']:.3f} [{rep[k]['ci_low']:.3f}, {rep[k]['ci_high']:.3f}]"
+        rows[name] = {k: f"{_fmt(rep[k]['value'])} [{_fmt(rep[k]['ci_low'])}, {_fmt(rep[k]['ci_high'])}]"
                       for k in METRIC_NAMES}
-    return pd.DataFrame(rows).T
+    table = pd.DataFrame(rows).T
+    table.attrs["method"] = methods_note(reports)
+    return table
+
+
+def methods_note(reports: dict) -> str:
+    """The line(s) to print under a table of ``{name: report}``: the interval method once when all
+    rows share it, else one line per row.  Reports made before ``method`` existed read as the
+    row-wise bootstrap they were."""
+    def method(rep):
+        return rep.get("method") or f"percentile bootstrap over {rep.get('n')} rows resampled independently"
+
+    methods = {name: method(rep) for name, rep in reports.items()}
+    distinct = list(dict.fromkeys(methods.values()))
+    if len(distinct) == 1:
+        return f"Intervals: {distinct[0]}."
+    return "Intervals:\n" + "\n".join(f"- {name}: {m}." for name, m in methods.items())
 
 
 # --------------------------------------------------------------------------- cross-validation
