@@ -251,3 +251,138 @@ def test_validate_record_without_ranges_still_checks_numbers():
     assert frame.iloc[0, 0] == 1.5 and np.isnan(frame.iloc[0, 1]) and len(notes) == 1
     with pytest.raises(inference.InputError, match="'a' = 'x' is not a number"):
         inference.validate_record({"a": "x", "b": 1}, ["a", "b"], None)
+
+
+# --------------------------------------------------------------------------- crafted folders and records (issue 9)
+def _copy_models(model_dir, tmp_path, name="m"):
+    import shutil
+
+    d = tmp_path / name
+    shutil.copytree(model_dir, d)
+    return d
+
+
+def _edit_card(d, **fields):
+    path = d / "hybrid_cervical_model_card.json"
+    card = json.loads(path.read_text())
+    for k, v in fields.items():
+        if k.startswith("files_"):
+            card["files"][k[len("files_"):]] = v
+        else:
+            card[k] = v
+    write_json(path, card)
+    return card
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"Age": 35, "Smokes": 1, "Num of pregnancies": 2, "Age": 99}', "'Age'"),
+    ('[{"Age": 35, "Smokes": 1, "Smokes": 0, "Num of pregnancies": 2}]', "'Smokes'"),
+])
+def test_duplicate_key_in_json_record_is_refused(model_dir, cell, tmp_path, capsys, text, key):
+    rec = tmp_path / "dup.json"
+    rec.write_text(text)
+    code, _, err = run(capsys, cell, "--tabular", rec, "--model-dir", model_dir)
+    assert_error(code, err, "dup.json", f"key {key} appears more than once")
+
+
+@pytest.mark.parametrize("card_text, needles", [
+    ('{"threshold": "high"}', ["field 'threshold' = 'high' is malformed", "a finite number"]),
+    ('{"threshold": true}', ["field 'threshold' = true is malformed"]),
+    ('{"threshold": NaN}', ["field 'threshold' = NaN is malformed"]),
+    ('{"synthetic": "no"}', ["field 'synthetic' = 'no' is malformed", "true or false"]),
+    ('{"files": ["hybrid_cervical_model.keras"]}', ["field 'files' = [", "is malformed"]),
+    ('{"files": {"preprocessor": 5}}', ["field 'files.preprocessor'", "got 5"]),
+    ('{"image_classes": 5}', ["field 'image_classes' = 5 is malformed", "list of distinct class names"]),
+    ('{"abnormal_classes": ["a", "a"]}', ["field 'abnormal_classes'", "is malformed"]),
+    ('{"threshold": 0.0, "threshold": 1.0}', ["key 'threshold' appears more than once"]),
+])
+def test_malformed_model_card_exits_2_with_one_line(model_dir, cell, tmp_path, capsys, card_text, needles):
+    d = _copy_models(model_dir, tmp_path)
+    (d / "hybrid_cervical_model_card.json").write_text(card_text)
+    rec = write_json(tmp_path / "r.json", GOOD)
+    for argv in ((cell, "--tabular", rec, "--model-dir", d), (cell, "--model-dir", d)):
+        code, _, err = run(capsys, *argv)
+        assert_error(code, err, "model card", "hybrid_cervical_model_card.json", *needles)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "nested", "absolute", "symlink", "other_file"])
+def test_card_file_names_must_stay_inside_the_model_folder(model_dir, cell, tmp_path, capsys, how):
+    """The preprocessor outside is a valid one: only the containment check can refuse it.
+
+    It lies in ``m_evil`` next to the model folder ``m``: a textual prefix check would take it for inside.
+    """
+    import shutil
+
+    d = _copy_models(model_dir, tmp_path)
+    outside = tmp_path / "m_evil"
+    outside.mkdir()
+    shutil.copy(d / "hybrid_tabular_preprocessor.json", outside / "pre.json")
+    field = "preprocessor"
+    if how == "dotdot":
+        _edit_card(d, files_preprocessor="../m_evil/pre.json")
+    elif how == "nested":
+        _edit_card(d, files_preprocessor="sub/../../m_evil/pre.json")
+    elif how == "absolute":
+        _edit_card(d, files_preprocessor=str(outside / "pre.json"))
+    elif how == "symlink":
+        (d / "hybrid_tabular_preprocessor.json").unlink()
+        (d / "hybrid_tabular_preprocessor.json").symlink_to(outside / "pre.json")
+    else:
+        _edit_card(d, files_h5="../../m_evil/pre.json")
+        field = "h5"
+    rec = write_json(tmp_path / "r.json", GOOD)
+    code, _, err = run(capsys, cell, "--tabular", rec, "--model-dir", d)
+    assert_error(code, err, f"field 'files.{field}'", "outside the model folder" if how != "absolute"
+                 else "an absolute path")
+
+
+@pytest.mark.slow
+def test_card_file_in_a_subfolder_is_accepted(model_dir, cell, tmp_path, capsys):
+    d = _copy_models(model_dir, tmp_path)
+    (d / "pre").mkdir()
+    (d / "hybrid_tabular_preprocessor.json").rename(d / "pre" / "p.json")
+    _edit_card(d, files_preprocessor="pre/p.json")
+    code, out, err = run(capsys, cell, "--tabular", write_json(tmp_path / "r.json", GOOD), "--model-dir", d)
+    assert code == 0, err
+    assert "risk score:" in out
+
+
+@pytest.mark.parametrize("damage, needle", [("truncate", "no zip directory"), ("bitflip", "fails its CRC check")])
+def test_damaged_keras_file_is_called_damaged(model_dir, cell, tmp_path, capsys, damage, needle):
+    import zipfile
+
+    d = _copy_models(model_dir, tmp_path)
+    p = d / "hybrid_cervical_model.keras"
+    data = bytearray(p.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # one byte in the middle of the largest member's compressed data
+        with zipfile.ZipFile(p) as z:
+            info = max(z.infolist(), key=lambda i: i.compress_size)
+        data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    code, _, err = run(capsys, cell, "--tabular", write_json(tmp_path / "r.json", GOOD), "--model-dir", d)
+    assert_error(code, err, "hybrid_cervical_model.keras", "the file is damaged", needle)
+    assert "not found" not in err.lower()
+
+
+def test_unreadable_image_message_says_it_once(model_dir, tmp_path, capsys):
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not a picture\n")
+    code, _, err = run(capsys, fake, "--model-dir", model_dir)
+    assert_error(code, err, "notes.png", "is not a readable image (UnidentifiedImageError")
+    assert err.count("not a readable image") == 1, err
+
+
+def test_reusable_validators_raise_value_error_naming_the_field():
+    values, notes = inference.clean_record({"Age": "35", "Smokes": None, "Num of pregnancies": 2}, COLUMNS, RANGES)
+    assert values["Age"] == 35.0 and values["Num of pregnancies"] == 2.0 and np.isnan(values["Smokes"])
+    assert list(values) == COLUMNS and len(notes) == 1
+    with pytest.raises(ValueError, match="field 'Smokes' = 3 is out of range"):
+        inference.clean_record({**GOOD, "Smokes": 3}, COLUMNS, RANGES)
+    with pytest.raises(ValueError, match="key 'Age' appears more than once"):
+        inference.parse_record_json('{"Age": 1, "Age": 2}')
+    assert inference.check_card({"threshold": 0.3, "files": {"keras": "a.keras"}}) == {
+        "threshold": 0.3, "files": {"keras": "a.keras"}}
+    with pytest.raises(ValueError, match="field 'threshold'"):
+        inference.check_card({"threshold": [0.5]})

@@ -18,8 +18,19 @@ missing and are imputed as in training).  Values must be numbers inside the allo
 the preprocessor's metadata (0/1 for yes/no columns; 0..120 for ages, counts and years, or the
 training maximum when larger); a value outside the *training* range is accepted with a note.
 
-Every input problem exits with status 2 and one line on stderr naming the file or field.  This is a
-teaching tool: the models may be trained on synthetic images, and nothing it prints is medical advice.
+Every input problem exits with status 2 and one line on stderr naming the file or field.  The model
+folder is input too: a JSON key given twice (record or card) is refused rather than resolved silently
+by "last one wins"; the card's fields must have their types (:func:`check_card`); every file the card
+names, and every file loaded, must resolve inside the model folder (:func:`model_file`), symlinks
+included; a truncated or corrupted ``.keras`` is called damaged (:func:`load_keras_model`).
+
+Reusable pieces (for a UI that takes the same inputs): :func:`parse_record_json`,
+:func:`clean_record` / :func:`validate_record`, :func:`read_card` / :func:`check_card`,
+:func:`model_file`, :func:`load_keras_model`, :func:`check_image_file`.  Each raises
+:class:`InputError` (a ``ValueError``) with a one-line message naming the file or field.
+
+This is a teaching tool: the models may be trained on synthetic images, and nothing it prints is
+medical advice.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import csv
 import json
 import math
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +52,11 @@ EXIT_INPUT = 2
 MISSING_TOKENS = ("", "?", "nan", "NaN", "NA")
 
 
-class InputError(Exception):
-    """A problem with the user's input or the model folder; the message is one line."""
+class InputError(ValueError):
+    """A problem with the user's input or the model folder; the message is one line.
+
+    A ``ValueError`` so that callers validating input (a UI, a notebook) can catch one familiar type.
+    """
 
 
 # --------------------------------------------------------------------------- locating the models
@@ -67,17 +82,129 @@ def _need_file(path: Path, what: str, how: str) -> Path:
     return path
 
 
+def model_file(model_dir, name, what: str = "model file") -> Path:
+    """``model_dir / name``, refused unless ``name`` is a relative path that resolves inside the folder.
+
+    Why: the card is a file like any other; a name such as ``../x`` or ``/etc/x``, or a symlink leading out,
+    would make the tool read whatever it points at.  Symlinks are resolved before the check.
+    """
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise InputError(f"{what}: expected a file name inside the model folder {str(model_dir)!r}, got {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive:
+        raise InputError(f"{what} {name!r}: an absolute path; expected a file name inside the model folder "
+                         f"{str(model_dir)!r}")
+    root = Path(model_dir).resolve()
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        raise InputError(f"{what} {name!r} resolves to {str(target)!r}, outside the model folder {str(root)!r}; "
+                         "refusing to read it")
+    return Path(model_dir) / rel
+
+
+def _no_duplicate_keys(source: str):
+    """``object_pairs_hook`` for :func:`json.loads`: a key given twice is an error, not "last one wins"."""
+    def hook(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise InputError(f"{source}: key {k!r} appears more than once in a JSON object; "
+                                 "remove the duplicate (which value is meant cannot be guessed)")
+            seen.add(k)
+        return dict(pairs)
+    return hook
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_card(card: dict, model_dir=None, source: str = "model card") -> dict:
+    """The card's fields that the tool uses, type-checked; returns ``card``, or :class:`InputError` naming the field.
+
+    ``threshold`` a finite number; ``synthetic`` true/false; ``image_classes`` and ``abnormal_classes`` lists of
+    distinct names; ``files`` an object of file names, each inside ``model_dir`` (when given).  Other fields are
+    descriptive and not checked.
+    """
+    if not isinstance(card, dict):
+        raise InputError(f"{source}: expected a JSON object, got {type(card).__name__}")
+
+    def bad(field, expected):
+        return InputError(f"{source}: field {field!r} = {_short(card[field])} is malformed: expected {expected}")
+
+    if "threshold" in card and not (_is_number(card["threshold"]) and math.isfinite(card["threshold"])):
+        raise bad("threshold", "a finite number (the risk score at which the class becomes 'abnormal')")
+    if "synthetic" in card and not isinstance(card["synthetic"], bool):
+        raise bad("synthetic", "true or false")
+    for field in ("image_classes", "abnormal_classes"):
+        v = card.get(field)
+        if field in card and v is not None:
+            if (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)
+                    or len(set(v)) != len(v)):
+                raise bad(field, "a non-empty list of distinct class names")
+    if "files" in card:
+        files = card["files"]
+        if not isinstance(files, dict):
+            raise bad("files", "an object {\"keras\": file name, \"preprocessor\": file name, ...}")
+        for key, name in files.items():
+            if model_dir is None:
+                if not isinstance(name, str):
+                    raise InputError(f"{source}: field 'files.{key}' = {_short(name)} is malformed: "
+                                     "expected a file name")
+            else:
+                model_file(model_dir, name, f"{source}: field 'files.{key}'")
+    return card
+
+
+def _short(v) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_card(model_dir: Path) -> dict:
+    """The model card of ``model_dir`` (``{}`` when there is none), checked by :func:`check_card`."""
     path = model_dir / CARD_FILE
     if not path.is_file():
         return {}
+    path = model_file(model_dir, CARD_FILE, "model card")
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        card = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(f"model card {path}"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"model card {path}: not readable JSON ({_one_line(e)})") from None
-    if not isinstance(card, dict):
-        raise InputError(f"model card {path}: expected a JSON object")
-    return card
+    return check_card(card, model_dir, f"model card {path}")
+
+
+def load_keras_model(path):
+    """``keras.saving.load_model(path, compile=False)``, or :class:`InputError`; a broken archive is called damaged.
+
+    Why: Keras reports a truncated ``.keras`` (no zip directory at its end) as "File not found", which sends
+    the user looking for a file that is right there.
+    """
+    import keras
+
+    path = Path(path)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # a truncated or foreign file
+        damage = _zip_damage(path) if path.suffix.lower() == ".keras" else None
+        if damage:
+            raise InputError(f"model file {path}: the file is damaged ({damage}); copy or rebuild it") from None
+        raise InputError(f"model file {path}: cannot be loaded ({_one_line(e)[:300]})") from None
+
+
+def _zip_damage(path: Path) -> str | None:
+    """Why the ``.keras`` zip archive is broken, or None when it reads back whole."""
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        return f"not a complete .keras (zip) archive: no zip directory in its {size} bytes, e.g. truncated"
+    try:
+        with zipfile.ZipFile(path) as z:
+            broken = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        return f"its zip archive does not read back: {_one_line(e)}"
+    if broken:
+        return f"member {broken!r} of its zip archive fails its CRC check"
+    return None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -97,6 +224,19 @@ def load_image_array(path, image_size: int) -> np.ndarray:
     return arr[None].astype("float32")
 
 
+def parse_record_json(text: str, source: str = "tabular record") -> dict:
+    """One record ``{"field": value, ...}`` (or a list of exactly one) from JSON text; a key given twice is refused."""
+    try:
+        rec = json.loads(text, object_pairs_hook=_no_duplicate_keys(source))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{source}: not valid JSON ({_one_line(e)})") from None
+    if isinstance(rec, list) and len(rec) == 1:
+        rec = rec[0]
+    if not isinstance(rec, dict):
+        raise InputError(f"{source}: expected one JSON object {{\"field\": value, ...}}, got {type(rec).__name__}")
+    return rec
+
+
 def read_record(path) -> dict:
     """The raw ``{field: value}`` of a one-record ``.json`` or ``.csv`` file."""
     p = Path(path)
@@ -108,16 +248,7 @@ def read_record(path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"tabular record {str(p)!r}: cannot read it as text ({_one_line(e)})") from None
     if suffix == ".json":
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"tabular record {str(p)!r}: not valid JSON ({_one_line(e)})") from None
-        if isinstance(rec, list) and len(rec) == 1:
-            rec = rec[0]
-        if not isinstance(rec, dict):
-            raise InputError(f"tabular record {str(p)!r}: expected one JSON object {{\"field\": value, ...}}, "
-                             f"got {type(rec).__name__}")
-        return rec
+        return parse_record_json(text, f"tabular record {str(p)!r}")
     if suffix == ".csv":
         rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
         if len(rows) != 2:
@@ -142,6 +273,17 @@ def validate_record(rec: dict, columns: list, ranges: dict | None, source: str =
     """
     import pandas as pd
 
+    values, notes = clean_record(rec, columns, ranges, source)
+    return pd.DataFrame([values], columns=list(columns)), notes
+
+
+def clean_record(rec: dict, columns: list, ranges: dict | None, source: str = "record") -> tuple[dict, list]:
+    """``({field: float, NaN for missing}, notes)`` in ``columns`` order, or :class:`InputError` naming the field.
+
+    The rules of :func:`validate_record`, without pandas: for callers that hold a dict (a form) rather than a file.
+    """
+    if not isinstance(rec, dict):
+        raise InputError(f"tabular record {source}: expected an object of fields, got {type(rec).__name__}")
     missing = [c for c in columns if c not in rec]
     extra = [k for k in rec if k not in columns]
     if missing or extra:
@@ -179,7 +321,7 @@ def validate_record(rec: dict, columns: list, ranges: dict | None, source: str =
                 notes.append(f"field {c!r} = {x:g} is outside the training range {r['train_min']:g}..{r['train_max']:g}: "
                              "the model extrapolates")
         values[c] = x
-    return pd.DataFrame([values], columns=list(columns)), notes
+    return values, notes
 
 
 # --------------------------------------------------------------------------- Grad-CAM
@@ -203,7 +345,11 @@ def check_image_file(path) -> Path:
         raise InputError(f"image file {str(p)!r} is not a file")
     problem = header_problem(p)
     if problem:
-        raise InputError(f"image file {str(p)!r} is not a readable image ({_one_line(problem)})")
+        problem = _one_line(problem)
+        prefix = "not a readable image ("
+        if problem.startswith(prefix) and problem.endswith(")"):  # header_problem already says it
+            problem = problem[len(prefix):-1]
+        raise InputError(f"image file {str(p)!r} is not a readable image ({problem})")
     return p
 
 
@@ -235,10 +381,12 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
     threshold = float(card.get("threshold", DEFAULT_THRESHOLD))
     notes = []
     if tabular_path:
-        model_path = _need_file(d / KERAS_FILE, "hybrid model", "notebooks/05_late_fusion.ipynb "
+        model_path = _need_file(model_file(d, KERAS_FILE, "hybrid model"), "hybrid model",
+                                "notebooks/05_late_fusion.ipynb "
                                 "(papermill notebooks/05_late_fusion.ipynb out.ipynb -p profile smoke)")
         pre_name = card.get("files", {}).get("preprocessor", PREPROCESSOR_FILE)
-        pre_path = _need_file(d / pre_name, "tabular preprocessor JSON", "notebooks/05_late_fusion.ipynb")
+        pre_path = _need_file(model_file(d, pre_name, "tabular preprocessor JSON"), "tabular preprocessor JSON",
+                              "notebooks/05_late_fusion.ipynb")
         try:
             pre = mlp.load_preprocessor(pre_path)
         except ValueError as e:
@@ -247,14 +395,10 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
         frame, notes = validate_record(rec, pre.columns, pre.metadata.get("feature_ranges"), repr(str(tabular_path)))
         x_tab = pre.transform(frame).astype("float32")
     else:
-        model_path = _need_file(d / IMAGE_BRANCH_FILE, "image branch model", "notebooks/03_image_branch.ipynb "
+        model_path = _need_file(model_file(d, IMAGE_BRANCH_FILE, "image branch model"), "image branch model",
+                                "notebooks/03_image_branch.ipynb "
                                 "(papermill notebooks/03_image_branch.ipynb out.ipynb -p profile smoke)")
-    import keras
-
-    try:
-        model = keras.saving.load_model(model_path, compile=False)
-    except Exception as e:  # a truncated or foreign file
-        raise InputError(f"model file {model_path}: cannot be loaded ({_one_line(e)[:300]})") from None
+    model = load_keras_model(model_path)
     size = int(model.get_layer("image").output.shape[1])
     if tabular_path:
         want = int(dict((t.name, t) for t in model.inputs)["tabular"].shape[-1])
