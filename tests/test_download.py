@@ -7,11 +7,14 @@ import os
 import re
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -309,13 +312,17 @@ def _evil_zip(path: Path, name: str) -> Path:
     return path
 
 
+def _unix_info(name: str, mode: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = mode << 16
+    return info
+
+
 def _symlink_zip(path: Path, link_name: str, link_target: str) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("ok/fine.txt", b"fine")
-        info = zipfile.ZipInfo(link_name)
-        info.create_system = 3
-        info.external_attr = (stat.S_IFLNK | 0o777) << 16
-        z.writestr(info, link_target)
+        z.writestr(_unix_info(link_name, stat.S_IFLNK | 0o777), link_target)
     return path
 
 
@@ -323,6 +330,7 @@ def _symlink_7z(path: Path, tmp: Path, link_target: str) -> Path:
     src = tmp / "l1" / "l2"  # py7zr stores a link only if its target exists
     src.mkdir(parents=True)
     (tmp / "outside").mkdir()
+    (src / "fine.txt").write_bytes(b"fine")
     (src / "link").symlink_to(link_target)
     with py7zr.SevenZipFile(path, "w", dereference=False) as z:
         z.write(src / "link", "ok/link")  # before writestr: py7zr 1.1.4 trips over the reverse order
@@ -330,44 +338,248 @@ def _symlink_7z(path: Path, tmp: Path, link_target: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("member", ["../evil", "ok/../../evil", "/tmp/cervical_kit_abs_evil"])
-@pytest.mark.parametrize("kind", ["7z", "zip"])
-def test_safe_extract_refuses_escaping_members(tmp_path, kind, member):
-    make = _evil_7z if kind == "7z" else _evil_zip
-    archive = make(tmp_path / f"bad.{kind}", member)
-    target = tmp_path / "target"
-    with pytest.raises(ValueError) as err:
-        dl.safe_extract(archive, target)
-    msg = str(err.value)
-    assert str(archive) in msg and member in msg
-    assert _listing(target) == []
-    assert not (tmp_path / "evil").exists() and not Path("/tmp/cervical_kit_abs_evil").exists()
+def _snapshot(root: Path) -> dict:
+    """Every path under ``root`` with its kind and content (links read, never followed)."""
+    snap = {}
+    for folder, dirs, files in os.walk(root):  # os.walk does not descend into linked folders
+        for name in dirs + files:
+            p = Path(folder, name)
+            if p.is_symlink():
+                snap[str(p.relative_to(root))] = ("link", os.readlink(p))
+            elif p.is_dir():
+                snap[str(p.relative_to(root))] = ("dir",)
+            else:
+                snap[str(p.relative_to(root))] = ("file", p.read_bytes())
+    return snap
 
 
-@pytest.mark.parametrize("link_target", ["../../outside", "/etc"])
-@pytest.mark.parametrize("kind", ["7z", "zip"])
-def test_safe_extract_refuses_symlinks_pointing_outside(tmp_path, kind, link_target):
-    if kind == "7z":
-        archive = _symlink_7z(tmp_path / "bad.7z", tmp_path, link_target)
-    else:
-        archive = _symlink_zip(tmp_path / "bad.zip", "ok/link", link_target)
-    target = tmp_path / "target"
-    with pytest.raises(ValueError, match="ok/link.*symlink") as err:
+@pytest.fixture
+def arena(tmp_path):
+    """``tmp_path/outer/mid/target`` already holding a file, with victims one, two and three levels up.
+
+    A hostile archive is built in ``tmp_path/archives``; the tests snapshot all of ``tmp_path`` (the
+    parents of the target, the target itself, the archive) before and after.
+    """
+    target = tmp_path / "outer" / "mid" / "target"
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_bytes(b"the user's file")
+    for p in (tmp_path / "outer" / "mid", tmp_path / "outer", tmp_path):
+        (p / "victim.txt").write_bytes(b"original")
+    (tmp_path / "abs_victim.txt").write_bytes(b"original")
+    (tmp_path / "archives").mkdir()
+    return target
+
+
+def _refused_untouched(archive: Path, target: Path, root: Path, match: str) -> str:
+    """safe_extract refuses ``archive`` with a message naming it, and nothing under ``root`` changed."""
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match=match) as err:
         dl.safe_extract(archive, target)
     assert str(archive) in str(err.value)
-    assert _listing(target) == []
+    assert _snapshot(root) == before  # no victim overwritten, target as it was, no temporary folder left
+    return str(err.value)
 
 
-def test_safe_extract_refuses_members_below_a_symlink(tmp_path):
-    archive = tmp_path / "bad.zip"
+def _chain_zip(path: Path, tmp_path: Path) -> Path:
+    """The probe of issue 9: links that resolve inside as text but outside on disk, then files written through them.
+
+    ``d1/d2/d3/d4/x -> ../../../..`` is the extraction folder itself; ``esc -> d1/d2/d3/d4/x/../../../victim.txt``
+    reads as ``d1/d2/victim.txt`` but is three levels above the extraction folder; ``e1/.../e40/y`` climbs to
+    ``/`` and ``abs`` descends to an absolute path.  Regular files ``esc`` and ``abs`` follow.
+    """
+    deep = "/".join(f"e{i}" for i in range(1, 41))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(_unix_info("d1/d2/d3/d4/x", stat.S_IFLNK | 0o777), "../../../..")
+        z.writestr(_unix_info("esc", stat.S_IFLNK | 0o777), "d1/d2/d3/d4/x/../../../victim.txt")
+        z.writestr(_unix_info(f"{deep}/y", stat.S_IFLNK | 0o777), "../" * 40)
+        z.writestr(_unix_info("abs", stat.S_IFLNK | 0o777),
+                   f"{deep}/y/" + "../" * 40 + str(tmp_path / "abs_victim.txt").lstrip("/"))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            z.writestr(_unix_info("esc", stat.S_IFREG | 0o644), b"pwned")
+            z.writestr(_unix_info("abs", stat.S_IFREG | 0o644), b"pwned")
+    return path
+
+
+def test_symlink_chain_from_the_issue_writes_nothing_outside(arena, tmp_path):
+    archive = _chain_zip(tmp_path / "archives" / "chain.zip", tmp_path)
+    msg = _refused_untouched(archive, arena, tmp_path, "'d1/d2/d3/d4/x'.*symbolic link")
+    assert "nothing was written" in msg
+
+
+@pytest.mark.parametrize("member", ["../evil", "ok/../../evil", "ok/./../../evil", "..\\evil",
+                                    "/tmp/cervical_kit_abs_evil", "C:/evil"])
+@pytest.mark.parametrize("kind", ["7z", "zip"])
+def test_safe_extract_refuses_escaping_members(arena, tmp_path, kind, member):
+    make = _evil_7z if kind == "7z" else _evil_zip
+    archive = make(tmp_path / "archives" / f"bad.{kind}", member)
+    stored = dl.archive_members(archive)[-1]  # py7zr's writer may normalise the name it stores
+    msg = _refused_untouched(archive, arena, tmp_path, "absolute path|escapes|'\\.\\.'")
+    assert f"member {stored!r}" in msg
+    assert not Path("/tmp/cervical_kit_abs_evil").exists()
+
+
+@pytest.mark.parametrize("link_target", ["../../outside", "/etc", "fine.txt"])
+@pytest.mark.parametrize("kind", ["7z", "zip"])
+def test_safe_extract_refuses_every_symlink(arena, tmp_path, kind, link_target):
+    """Links are never created, not even ones pointing inside: SIPaKMeD has none, and none can be abused."""
+    if kind == "7z":
+        archive = _symlink_7z(tmp_path / "archives" / "bad.7z", tmp_path / "archives", link_target)
+    else:
+        archive = _symlink_zip(tmp_path / "archives" / "bad.zip", "ok/link", link_target)
+    _refused_untouched(archive, arena, tmp_path, "'ok/link'.*symbolic link")
+
+
+@pytest.mark.parametrize("mode", [stat.S_IFIFO | 0o644, stat.S_IFCHR | 0o644, stat.S_IFSOCK | 0o644])
+def test_safe_extract_refuses_special_files(arena, tmp_path, mode):
+    archive = tmp_path / "archives" / "special.zip"
     with zipfile.ZipFile(archive, "w") as z:
-        info = zipfile.ZipInfo("d")
-        info.create_system, info.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
-        z.writestr(info, ".")
+        z.writestr("ok/fine.txt", b"fine")
+        z.writestr(_unix_info("ok/dev", mode), b"")
+    _refused_untouched(archive, arena, tmp_path, "'ok/dev'.*not a regular file")
+
+
+def test_safe_extract_refuses_members_below_a_symlink(arena, tmp_path):
+    archive = tmp_path / "archives" / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr(_unix_info("d", stat.S_IFLNK | 0o777), ".")
         z.writestr("d/x.txt", b"x")
-    with pytest.raises(ValueError, match="below the symlink"):
-        dl.safe_extract(archive, tmp_path / "target")
-    assert _listing(tmp_path / "target") == []
+    _refused_untouched(archive, arena, tmp_path, "'d'.*symbolic link")
+
+
+@pytest.mark.parametrize("first,second", [("ok/a.txt", "ok/a.txt"), ("ok/a.txt", "./ok/a.txt"),
+                                          ("ok/a.txt", "ok//a.txt"), ("ok/a.txt", "ok\\a.txt")])
+@pytest.mark.parametrize("kind", ["7z", "zip"])
+def test_safe_extract_refuses_duplicate_names(arena, tmp_path, kind, first, second):
+    archive = tmp_path / "archives" / f"dup.{kind}"
+    if kind == "7z":
+        with py7zr.SevenZipFile(archive, "w") as z:
+            z.writestr(b"first", first)
+            z._writestr(b"second", second)
+    else:
+        with zipfile.ZipFile(archive, "w") as z, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # zipfile's own "Duplicate name" warning
+            z.writestr(first, b"first")
+            z.writestr(second, b"second")
+    stored = dl.archive_members(archive)  # py7zr's writer may normalise the names it stores
+    msg = _refused_untouched(archive, arena, tmp_path, "duplicate name")
+    assert f"member {stored[1]!r}" in msg and f"member {stored[0]!r} has the same path" in msg
+
+
+def test_safe_extract_refuses_a_file_used_as_a_folder(arena, tmp_path):
+    archive = tmp_path / "archives" / "clash.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ok", b"a file")
+        z.writestr("ok/a.txt", b"below it")
+    _refused_untouched(archive, arena, tmp_path, "'ok/a.txt'.*stored below 'ok', which is a file")
+
+
+def _zeros_zip(path: Path, n: int) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("ok/fine.txt", b"fine")
+        z.writestr("big.bin", bytes(n))
+    return path
+
+
+def _zeros_7z(path: Path, n: int) -> Path:
+    with py7zr.SevenZipFile(path, "w") as z:
+        z.writestr(b"fine", "ok/fine.txt")
+        z.writestr(bytes(n), "big.bin")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zip", "7z"])
+def test_high_ratio_archives_are_refused_before_writing(arena, tmp_path, kind):
+    """16 MiB of zeros: ~16 KB as zip (ratio ~1000, deflate's ceiling), a few KB as 7z (ratio in the thousands)."""
+    make = _zeros_zip if kind == "zip" else _zeros_7z
+    archive = make(tmp_path / "archives" / f"bomb.{kind}", 16 * 2**20)
+    assert archive.stat().st_size * dl.MAX_RATIO < 16 * 2**20
+    with pytest.raises(ValueError, match="MAX_RATIO"):
+        dl.check_archive(archive)  # the declared sizes alone condemn it: nothing is decompressed
+    msg = _refused_untouched(archive, arena, tmp_path, "expand.*times.*MAX_RATIO")
+    assert "nothing was written" in msg
+
+
+def _patch_zip_sizes(path: Path, member: str, file_size: int, crc: int | None = None) -> None:
+    """Rewrite the uncompressed size (and CRC) ``member`` declares, in its local header and the central directory."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    data = bytearray(path.read_bytes())
+    local = info.header_offset
+    assert data[local:local + 4] == b"PK\x03\x04"
+    struct.pack_into("<I", data, local + 22, file_size)
+    if crc is not None:
+        struct.pack_into("<I", data, local + 14, crc)
+    name = member.encode()
+    central = data.index(b"PK\x01\x02")
+    while data[central + 46:central + 46 + len(name)] != name:
+        central = data.index(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", data, central + 24, file_size)
+    if crc is not None:
+        struct.pack_into("<I", data, central + 16, crc)
+    path.write_bytes(bytes(data))
+
+
+def test_zip_whose_data_outgrows_its_declared_size_is_stopped(arena, tmp_path):
+    """Declares 1,000 bytes (CRC of those 1,000 bytes, ratio harmless) but inflates to 16 MiB.
+
+    zipfile alone would cut the data at the declared size and accept it; the byte count stops it.
+    """
+    archive = _zeros_zip(tmp_path / "archives" / "liar.zip", 16 * 2**20)
+    _patch_zip_sizes(archive, "big.bin", 1000, zlib.crc32(bytes(1000)))
+    dl.check_archive(archive)  # the declared sizes pass every cap ...
+    msg = _refused_untouched(archive, arena, tmp_path, "'big.bin'.*holds more than the 1,000 bytes it declares")
+    assert "left as it was" in msg
+
+
+def test_zip_declaring_a_huge_member_is_refused_before_writing(arena, tmp_path):
+    archive = _zeros_zip(tmp_path / "archives" / "huge.zip", 1000)
+    _patch_zip_sizes(archive, "big.bin", 3 * 2**30)
+    _refused_untouched(archive, arena, tmp_path, "'big.bin'.*declares 3,221,225,472 bytes.*MAX_MEMBER_BYTES")
+
+
+def test_total_and_member_count_caps(arena, tmp_path, monkeypatch):
+    """Honest, incompressible members under every per-member cap, but too much in all (caps lowered to test size)."""
+    archive = tmp_path / "archives" / "many.7z"
+    with py7zr.SevenZipFile(archive, "w") as z:
+        for i in range(3):
+            z.writestr(_payload(600_000, seed=i), f"ok/part{i}.bin")
+    monkeypatch.setattr(dl, "MAX_TOTAL_BYTES", 2**20, raising=False)
+    _refused_untouched(archive, arena, tmp_path, "declare 1,800,000 bytes in all.*MAX_TOTAL_BYTES")
+    monkeypatch.setattr(dl, "MAX_TOTAL_BYTES", 2**30, raising=False)
+    monkeypatch.setattr(dl, "MAX_MEMBERS", 2, raising=False)
+    _refused_untouched(archive, arena, tmp_path, "3 members.*MAX_MEMBERS")
+    monkeypatch.setattr(dl, "MAX_MEMBERS", 3, raising=False)
+    dl.safe_extract(archive, arena)
+    assert (arena / "ok" / "part2.bin").read_bytes() == _payload(600_000, seed=2)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_extraction_leaves_the_target_as_it_was(tmp_path, existing):
+    """A member that fails late (bad CRC in the last member) leaves no trace, and no new target folder either."""
+    archive = tmp_path / "late.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ok/first.txt", b"written first")
+        z.writestr("ok/last.txt", b"damaged at the end")
+    _patch_zip_sizes(archive, "ok/last.txt", len(b"damaged at the end"), crc=12345)
+    parent = tmp_path / "data"
+    parent.mkdir()
+    target = parent / "sipakmed"
+    if existing:
+        (target / "ok").mkdir(parents=True)
+        (target / "ok" / "first.txt").write_bytes(b"an older copy")
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="late.zip.*(CRC|damaged).*left as it was"):
+        dl.safe_extract(archive, target)
+    assert _snapshot(tmp_path) == before
+    assert target.exists() == existing
+
+
+def test_safe_extract_reports_a_corrupt_archive(tmp_path):
+    archive = tmp_path / "broken.7z"
+    archive.write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\0" * 40)
+    with pytest.raises(ValueError, match="broken.7z"):
+        dl.safe_extract(archive, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
 
 
 def _bmp(shade: int) -> bytes:
@@ -399,27 +611,32 @@ def test_safe_extract_good_7z_gives_official_layout_and_is_idempotent(tmp_path, 
     assert sorted(p.name for p in cropped.iterdir()) == ["001_01.bmp", "001_02.bmp", "002_01.bmp"]
     assert (target / "im_Parabasal" / "001.bmp").read_bytes() == b"BMcluster"
     assert (target / ".im_Parabasal.7z.extracted.json").exists()
-    assert not [p for p in target.iterdir() if p.name.startswith(".extract-")]  # temp folder gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["im_Parabasal.7z", "sipakmed"]  # temp folder gone
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (target, target / "im_Parabasal", cropped):  # shared data, not the private temp folder's 0700
+        assert stat.S_IMODE(p.stat().st_mode) == 0o777 & ~umask
     mtime = (cropped / "001_01.bmp").stat().st_mtime_ns
     dl.safe_extract(archive, target)
     assert "already extracted" in capsys.readouterr().out
     assert (cropped / "001_01.bmp").stat().st_mtime_ns == mtime
 
 
-def test_safe_extract_zip_keeps_inside_symlinks(tmp_path):
-    archive = _symlink_zip(tmp_path / "ok.zip", "ok/alias.txt", "fine.txt")
-    target = tmp_path / "t"
+def test_safe_extract_merges_into_an_existing_target(tmp_path):
+    """A second class archive lands next to the first; empty files and folder entries come out as such."""
+    target = tmp_path / "sipakmed"
+    dl.safe_extract(_official_7z(tmp_path / "im_Parabasal.7z", "Parabasal"), target)
+    archive = tmp_path / "extra.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("im_Extra/", b"")
+        z.writestr("im_Extra/empty/", b"")
+        z.writestr("im_Extra/none.dat", b"")
+        z.writestr("im_Extra/CROPPED/001_01.bmp", _bmp(3))
     dl.safe_extract(archive, target)
-    assert (target / "ok" / "alias.txt").is_symlink()
-    assert (target / "ok" / "alias.txt").read_bytes() == b"fine"
-
-
-def test_safe_extract_reports_a_corrupt_archive(tmp_path):
-    archive = tmp_path / "broken.7z"
-    archive.write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\0" * 40)
-    with pytest.raises(ValueError, match="broken.7z"):
-        dl.safe_extract(archive, tmp_path / "t")
-    assert _listing(tmp_path / "t") == []
+    assert (target / "im_Parabasal" / "CROPPED" / "001_01.bmp").exists()
+    assert (target / "im_Extra" / "empty").is_dir() and (target / "im_Extra" / "none.dat").read_bytes() == b""
+    assert (target / "im_Extra" / "CROPPED" / "001_01.bmp").read_bytes() == _bmp(3)
+    assert dl.extracted(archive, target) and dl.extracted(tmp_path / "im_Parabasal.7z", target)
 
 
 # --------------------------------------------------------------------------- the CLI

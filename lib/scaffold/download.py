@@ -28,6 +28,7 @@ the synthetic stand-in (stamped SYNTHETIC); the tabular notebooks need the UCI C
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import http.client
@@ -383,6 +384,62 @@ def download(url, dest, sha256=None, progress=True, timeout=30, chunk=1 << 16, *
 
 
 # --------------------------------------------------------------------------- archives
+MAX_MEMBER_BYTES = 256 * 2**20
+"""Largest size one archive member may declare (and may write: bytes are counted too).
+
+SIPaKMeD's biggest members are its cluster images, full microscope frames stored as 24-bit BMP
+(2048 x 1536 px, about 9.4 MB); 256 MiB is over 25 times that and still harmless on any disk.
+"""
+
+MAX_TOTAL_BYTES = 8 * 2**30
+"""Largest total the members of one archive may declare (and write).
+
+SIPaKMeD's largest class archive is a few hundred MB and expands to at most about 2.6 GB (271
+cluster frames of ~9.4 MB plus ~800 small cropped cells); 8 GiB is three times that, while the
+bombs found by probing aimed at 1 GiB from a 156 KB file and could as well aim at a full disk.
+"""
+
+MAX_RATIO = 200
+"""Largest accepted expansion (declared size / compressed size), per zip member and per archive.
+
+Microscope BMPs compress a few times under deflate or LZMA (sensor noise is incompressible); the
+bombs found by probing expanded 1029:1 (zip, deflate's ceiling is about 1032:1) and 6865:1 (7z).
+"""
+
+RATIO_MIN_BYTES = 2**20
+"""The ratio is judged only when a member (or the archive) expands to more than this: a small
+repetitive file can compress 1000:1 and costs nothing."""
+
+MAX_MEMBERS = 100_000
+"""More members than this is refused (a million empty files exhausts inodes at a tiny ratio).
+A SIPaKMeD class archive holds a few thousand."""
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+                   | getattr(os, "O_BINARY", 0))
+
+
+@dataclass(frozen=True)
+class Member:
+    """One archive member as declared in the archive's directory (nothing of its data is read).
+
+    ``kind`` is ``"file"``, ``"dir"``, ``"symlink"`` or ``"special"`` (device, FIFO, socket,
+    junction); ``parts`` the path components below the target; ``packed`` the compressed size
+    where the format declares it per member (zip; a solid 7z has none).
+    """
+
+    name: str
+    kind: str
+    size: int
+    parts: tuple = ()
+    packed: int | None = None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def _member_problem(name: str) -> str | None:
     """Why an archive member name is unsafe to extract, or None."""
     n = name.replace("\\", "/")
@@ -401,59 +458,41 @@ def _member_problem(name: str) -> str | None:
     return None
 
 
-def _link_problem(name: str, link_target: str) -> str | None:
-    t = link_target.replace("\\", "/")
-    if t.startswith("/") or re.match(r"^[A-Za-z]:", t):
-        return f"symlink to an absolute path ({link_target!r})"
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name.replace("\\", "/")), t))
-    if resolved == ".." or resolved.startswith("../"):
-        return f"symlink pointing outside the target folder ({link_target!r})"
-    return None
+def _parts(name: str) -> tuple:
+    return tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
 
 
-def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
-    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    fmt = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+    if fmt == stat.S_IFLNK:
+        return "symlink"
+    if info.is_dir() or fmt == stat.S_IFDIR:
+        return "dir"
+    if fmt in (0, stat.S_IFREG):
+        return "file"
+    return "special"
 
 
-def _members_7z(archive: Path):
-    """[(name, is_dir, is_symlink, link_target)] of a .7z, reading symlink targets in memory."""
+def _members_7z(archive: Path) -> list:
     import py7zr
-    from py7zr.io import BytesIOFactory
 
     with py7zr.SevenZipFile(archive, "r") as z:
         infos = z.list()
-    links = [i.filename for i in infos if i.is_symlink]
-    targets = {}
-    if links and all(_member_problem(n) is None for n in links):
-        factory = BytesIOFactory(limit=1 << 16)
-        with py7zr.SevenZipFile(archive, "r") as z:
-            z.extract(targets=links, factory=factory)
-        for key, product in factory.products.items():
-            product.seek(0)
-            targets[key] = product.read().decode("utf-8", "replace")
-    out = []
-    for i in infos:
-        t = None
-        if i.is_symlink:
-            key = i.filename.replace("\\", "/").lstrip("/")
-            t = targets.get(key, targets.get(i.filename, "/"))  # unreadable target: treat as unsafe
-        out.append((i.filename, bool(i.is_directory), bool(i.is_symlink), t))
-    return out
+    return [Member(i.filename,
+                   "symlink" if i.is_symlink else "dir" if i.is_directory else "file" if i.is_file else "special",
+                   int(i.uncompressed or 0), _parts(i.filename))
+            for i in infos]
 
 
-def _members_zip(archive: Path):
-    out = []
+def _members_zip(archive: Path) -> list:
     with zipfile.ZipFile(archive) as z:
-        for info in z.infolist():
-            link = _is_zip_symlink(info)
-            t = z.read(info).decode("utf-8", "replace") if link else None
-            out.append((info.filename, info.is_dir(), link, t))
-    return out
+        return [Member(i.filename, _zip_kind(i), i.file_size, _parts(i.filename), i.compress_size)
+                for i in z.infolist()]
 
 
 def archive_members(archive) -> list[str]:
     """Member names of a .7z or .zip archive."""
-    return [m[0] for m in _members(Path(archive))]
+    return [m.name for m in _members(Path(archive))]
 
 
 def _kind(archive: Path) -> str:
@@ -465,43 +504,73 @@ def _kind(archive: Path) -> str:
     raise ValueError(f"{archive}: unsupported archive type (expected .7z or .zip)")
 
 
-def _members(archive: Path):
+def _members(archive: Path) -> list:
     kind = _kind(archive)
     try:
         return _members_7z(archive) if kind == "7z" else _members_zip(archive)
-    except (ValueError, FileNotFoundError):
+    except FileNotFoundError:
         raise
     except Exception as e:  # py7zr.Bad7zFile, zipfile.BadZipFile, truncated files ...
         raise ValueError(f"{archive}: not a readable {kind} archive ({type(e).__name__}: {e}); "
                          f"delete it (and its .sha256 if you trust the new copy) and download again") from None
 
 
-def check_archive(archive) -> list:
-    """Raise ``ValueError`` naming the archive and the member if any member is unsafe.
+_KIND_PROBLEM = {
+    "symlink": "it is a symbolic link, and links are never extracted (SIPaKMeD archives hold only regular "
+               "files and folders; a link lets a later member write outside the target folder)",
+    "special": "it is not a regular file or folder (device, FIFO, socket or junction)",
+}
 
-    Unsafe: absolute paths, drive letters, ``..`` components (escaping or not), symlinks whose
-    target is absolute or outside, and members stored below a symlink member.
-    Returns the member list ``[(name, is_dir, is_symlink, link_target)]``.
+
+def check_archive(archive) -> list:
+    """Check every member of ``archive`` from its directory alone; return the :class:`Member` list.
+
+    Raises ``ValueError`` naming the archive and the member, before anything is written, for:
+    absolute paths, drive letters, ``..`` components (escaping or not), NUL bytes; symbolic links,
+    hard links and special files (only regular files and folders are extracted, so no later member
+    can be written through a link); duplicate names, or a name used both as a file and as a folder;
+    a member declaring more than :data:`MAX_MEMBER_BYTES`, or expanding more than :data:`MAX_RATIO`
+    times; more than :data:`MAX_MEMBERS` members or :data:`MAX_TOTAL_BYTES` in all; an archive
+    expanding more than :data:`MAX_RATIO` times its own size.
     """
     archive = Path(archive)
     members = _members(archive)
-    links = set()
-    for name, _is_dir, is_link, target in members:
-        problem = _member_problem(name)
-        if problem is None and is_link:
-            problem = _link_problem(name, target or "/")
-        if problem is not None:
-            raise ValueError(f"{archive}: refusing to extract member {name!r}: {problem}; nothing was written")
-        if is_link:
-            links.add(posixpath.normpath(name.replace("\\", "/")))
-    for name, *_ in members:
-        n = posixpath.normpath(name.replace("\\", "/"))
-        parent = posixpath.dirname(n)
-        while parent:
-            if parent in links:
-                raise ValueError(f"{archive}: refusing to extract member {name!r}: stored below the symlink "
-                                 f"{parent!r}; nothing was written")
-            parent = posixpath.dirname(parent)
+
+    def refuse(m, why):
+        raise ValueError(f"{archive}: refusing to extract member {m.name!r}: {why}; nothing was written")
+
+    if len(members) > MAX_MEMBERS:
+        raise ValueError(f"{archive}: refusing to extract: {len(members):,} members, over the limit of "
+                         f"{MAX_MEMBERS:,} (MAX_MEMBERS); nothing was written")
+    seen: dict = {}
+    total = 0
+    for m in members:
+        problem = _member_problem(m.name) or _KIND_PROBLEM.get(m.kind)
+        if problem:
+            refuse(m, problem)
+        if m.parts in seen:
+            refuse(m, f"duplicate name (member {seen[m.parts].name!r} has the same path)")
+        seen[m.parts] = m
+        if m.size < 0 or m.size > MAX_MEMBER_BYTES:
+            refuse(m, f"declares {m.size:,} bytes, over the limit of {_mib(MAX_MEMBER_BYTES)} per member "
+                      f"(MAX_MEMBER_BYTES)")
+        if m.packed is not None and m.size > RATIO_MIN_BYTES and m.size > MAX_RATIO * max(m.packed, 1):
+            refuse(m, f"expands {m.size / max(m.packed, 1):,.0f} times ({m.packed:,} -> {m.size:,} bytes), over "
+                      f"the limit of {MAX_RATIO} (MAX_RATIO): a decompression bomb?")
+        total += m.size
+    for m in members:  # a folder path must not be a file member
+        for i in range(1, len(m.parts)):
+            up = seen.get(m.parts[:i])
+            if up is not None and up.kind != "dir":
+                refuse(m, f"stored below {up.name!r}, which is a file")
+    if total > MAX_TOTAL_BYTES:
+        raise ValueError(f"{archive}: refusing to extract: its members declare {total:,} bytes in all, over the "
+                         f"limit of {_mib(MAX_TOTAL_BYTES)} (MAX_TOTAL_BYTES); nothing was written")
+    packed = archive.stat().st_size
+    if total > RATIO_MIN_BYTES and total > MAX_RATIO * max(packed, 1):
+        raise ValueError(f"{archive}: refusing to extract: {packed:,} bytes expand to {total:,} "
+                         f"({total / max(packed, 1):,.0f} times), over the limit of {MAX_RATIO} (MAX_RATIO): a "
+                         f"decompression bomb?; nothing was written")
     return members
 
 
@@ -523,7 +592,7 @@ def extracted(archive, target) -> bool:
 
 
 def _move_into(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; directories are merged, files replaced (each move atomic)."""
+    """Move ``src`` to ``dst``; directories are merged, files replaced (each move atomic, no link followed)."""
     if dst.is_dir() and not dst.is_symlink() and src.is_dir() and not src.is_symlink():
         for child in src.iterdir():
             _move_into(child, dst / child.name)
@@ -536,15 +605,169 @@ def _move_into(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def safe_extract(archive, target, *, archive_sha256: str | None = None) -> Path:
-    """Extract a .7z (py7zr) or .zip ``archive`` into ``target``, safely and idempotently.
+def _open_dir(root_fd: int, parts, create: bool) -> int:
+    """A descriptor of folder ``root/parts`` walked one component at a time, never through a link."""
+    fd = os.dup(root_fd)
+    try:
+        for p in parts:
+            if create:
+                try:
+                    os.mkdir(p, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            nfd = os.open(p, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
-    Every member is checked first (:func:`check_archive`); an unsafe one raises ``ValueError``
-    naming the archive and the member before anything is written.  Extraction goes to a
-    temporary folder inside ``target``, is checked again (no symlink may resolve outside), then
-    moved into place (folders merged, files replaced).  A marker
-    ``target/.<archive name>.extracted.json`` (with the archive's sha256) makes a second call a
-    no-op; a different archive with the same name is extracted again.
+
+class _Sink:
+    """Writes one member into a new file (``O_CREAT | O_EXCL | O_NOFOLLOW``) and counts its bytes.
+
+    More bytes than the member declared raises ``ValueError`` at once: declared sizes were checked
+    against the caps, so counting keeps those caps true even when the archive lies.  Duck-types
+    py7zr's ``Py7zIO`` (write, read, seek, flush, size, close).
+    """
+
+    def __init__(self, archive: Path, member: Member, root: Path, root_fd: int | None):
+        self.archive, self.member, self.written = archive, member, 0
+        *up, leaf = member.parts
+        if root_fd is not None:
+            dfd = _open_dir(root_fd, up, create=True)
+            try:
+                self.fd = os.open(leaf, _NEW_FILE_FLAGS, 0o666, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        else:  # no dir_fd (Windows): plain paths; safe because no link is ever created in the private folder
+            folder = root.joinpath(*up)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(folder / leaf, _NEW_FILE_FLAGS, 0o666)
+
+    def write(self, data) -> int:
+        n = len(data)
+        if self.written + n > self.member.size:
+            raise ValueError(f"{self.archive}: refusing member {self.member.name!r}: it holds more than the "
+                             f"{self.member.size:,} bytes it declares (a crafted archive?); the target was "
+                             f"left as it was")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.written += n
+        return n
+
+    def read(self, size=None) -> bytes:
+        return b""
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        pass
+
+    def size(self) -> int:
+        return self.written
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _SinkFactory:
+    """py7zr ``WriterFactory``: maps each path py7zr asks for back to a checked member."""
+
+    def __init__(self, archive, root: Path, root_fd, plan: dict):
+        self.archive, self.root, self.root_fd, self.plan = archive, root, root_fd, plan
+        self.sinks: dict = {}
+
+    def create(self, filename: str) -> _Sink:
+        rel = os.path.relpath(filename, self.root)
+        m = self.plan.get(_parts(rel)) if not rel.startswith("..") else None
+        if m is None or m.kind != "file" or m.parts in self.sinks:
+            raise ValueError(f"{self.archive}: py7zr asked to write {filename!r}, which is not a checked member; "
+                             f"the target was left as it was")
+        sink = self.sinks[m.parts] = _Sink(self.archive, m, self.root, self.root_fd)
+        return sink
+
+
+def _extract_members(archive: Path, kind: str, root: Path, members: list) -> None:
+    """Write the checked ``members`` into the private folder ``root``; raise on any surprise."""
+    plan = {m.parts: m for m in members}
+    use_fd = os.open in os.supports_dir_fd and os.mkdir in os.supports_dir_fd
+    root_fd = os.open(root, _DIR_FLAGS) if use_fd else None
+    sinks: dict = {}
+    try:
+        folders = {m.parts for m in members if m.kind == "dir"}
+        folders |= {m.parts[:-1] for m in members if m.kind == "file" and len(m.parts) > 1}
+        for parts in sorted(folders):
+            if root_fd is not None:
+                os.close(_open_dir(root_fd, parts, create=True))
+            else:
+                root.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+        if kind == "7z":
+            import py7zr
+
+            factory = _SinkFactory(archive, root, root_fd, plan)
+            sinks = factory.sinks
+            # max_extract_size: py7zr's own byte counter, a second line behind the sinks' counts
+            with py7zr.SevenZipFile(archive, "r", max_extract_size=MAX_TOTAL_BYTES) as z:
+                z.extractall(path=root, factory=factory)
+        else:
+            with zipfile.ZipFile(archive) as z:
+                infos = z.infolist()
+                if [(i.filename, i.file_size) for i in infos] != [(m.name, m.size) for m in members]:
+                    raise ValueError(f"{archive}: changed while being extracted; the target was left as it was")
+                for info, m in zip(infos, members):
+                    if m.kind != "file":
+                        continue
+                    sink = sinks[m.parts] = _Sink(archive, m, root, root_fd)
+                    # let zipfile inflate past the declared size so that a lie shows in the count,
+                    # instead of being cut off silently at the declared length
+                    probe = copy.copy(info)
+                    probe.file_size = MAX_MEMBER_BYTES + 1
+                    with z.open(probe) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            sink.write(block)
+                    sink.close()
+        for m in members:
+            if m.kind == "file":
+                got = sinks[m.parts].written if m.parts in sinks else None
+                if got != m.size:
+                    raise ValueError(f"{archive}: member {m.name!r} gave {got if got is not None else 'no'} bytes, "
+                                     f"it declares {m.size:,} (truncated or damaged); delete the archive and "
+                                     f"download again; the target was left as it was")
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                if os.path.islink(os.path.join(folder, name)):  # never created; a last check, not the defence
+                    raise ValueError(f"{archive}: a link appeared at {name!r} during extraction; the target was "
+                                     f"left as it was")
+    finally:
+        for s in sinks.values():
+            s.close()
+        if root_fd is not None:
+            os.close(root_fd)
+
+
+def safe_extract(archive, target, *, archive_sha256: str | None = None) -> Path:
+    """Extract a .7z (py7zr) or .zip ``archive`` into ``target``, safely, atomically and idempotently.
+
+    * Every member is checked from the archive's directory first (:func:`check_archive`: names,
+      kinds, duplicates, declared sizes and ratios); an unsafe one raises ``ValueError`` naming the
+      archive and the member before anything is written.
+    * Only regular files and folders are created, each file new (``O_EXCL | O_NOFOLLOW``, folders
+      walked without following links), in a private temporary folder next to ``target``; bytes are
+      counted while writing, so an archive whose data outgrows its declared sizes is stopped.
+    * Only when every member is written, complete, is the result moved into ``target`` (renamed
+      when ``target`` does not exist yet, else merged: folders merged, files replaced).  Any
+      failure leaves ``target`` as it was and removes the temporary folder.
+    * A marker ``target/.<archive name>.extracted.json`` (with the archive's sha256) makes a second
+      call a no-op; a different archive with the same name is extracted again.
     """
     archive, target = Path(archive), Path(target)
     if not archive.exists():
@@ -561,55 +784,51 @@ def safe_extract(archive, target, *, archive_sha256: str | None = None) -> Path:
             _say(f"{archive.name}: already extracted into {target}")
             return target
     members = check_archive(archive)
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".extract-{archive.name}-", dir=target))
+    real = Path(os.path.realpath(target))  # a symlinked data folder is the user's choice: work where it points
+    if real.exists() and not real.is_dir():
+        raise ValueError(f"{target}: exists and is not a folder; cannot extract {archive.name} into it")
+    made = [p for p in (real.parent, *real.parent.parents) if not p.exists()]
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.extract-", dir=real.parent))
+    done = False
     try:
         _say(f"{archive.name}: extracting {len(members)} members into {target}")
-        if kind == "7z":
-            import py7zr
-
-            try:
-                with py7zr.SevenZipFile(archive, "r") as z:
-                    z.extractall(path=tmp)
-            except Exception as e:
-                raise ValueError(f"{archive}: extraction failed ({type(e).__name__}: {e}); the archive may be "
-                                 f"corrupt: delete it and download again") from None
-        else:
-            _extract_zip(archive, tmp, members)
-        root = tmp.resolve()
-        for p in tmp.rglob("*"):
-            if p.is_symlink() and not p.resolve().is_relative_to(root):
-                raise ValueError(f"{archive}: refusing member {str(p.relative_to(tmp))!r}: symlink resolves outside "
-                                 f"the target folder")
+        try:
+            _extract_members(archive, kind, tmp, members)
+        except ValueError:
+            raise
+        except OSError as e:
+            raise OSError(f"{archive}: extraction failed ({type(e).__name__}: {e}); the target {target} was left "
+                          f"as it was") from None
+        except Exception as e:  # py7zr.Bad7zFile / CrcError / DecompressionBombError, zipfile.BadZipFile, zlib ...
+            raise ValueError(f"{archive}: extraction failed ({type(e).__name__}: {e}); the archive may be corrupt "
+                             f"or crafted: delete it and download again; the target {target} was left as it "
+                             f"was") from None
         tops = sorted(p.name for p in tmp.iterdir())
-        for name in tops:
-            _move_into(tmp / name, target / name)
         from lib.atomic import write_json
 
-        _readable(write_json(marker, {"archive": archive.name, "sha256": digest, "members": len(members),
-                                      "top_level": tops, "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        _readable(write_json(_marker(archive, tmp), {
+            "archive": archive.name, "sha256": digest, "members": len(members), "top_level": tops,
+            "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        if not real.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is 0700; the data folder is shared
+            os.rename(tmp, real)
+        else:
+            for name in tops + [_marker(archive, tmp).name]:
+                _move_into(tmp / name, real / name)
+        done = True
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for p in made:  # innermost first: only the folders this call created, and only if empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
     return target
-
-
-def _extract_zip(archive: Path, tmp: Path, members) -> None:
-    with zipfile.ZipFile(archive) as z:
-        for info in z.infolist():
-            name = posixpath.normpath(info.filename.replace("\\", "/"))
-            out = tmp.joinpath(*name.split("/"))
-            if info.is_dir():
-                out.mkdir(parents=True, exist_ok=True)
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if _is_zip_symlink(info):
-                os.symlink(z.read(info).decode("utf-8"), out)
-                continue
-            with z.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            mode = (info.external_attr >> 16) & 0o777
-            if info.create_system == 3 and mode:
-                os.chmod(out, mode | stat.S_IRUSR | stat.S_IWUSR)
 
 
 # --------------------------------------------------------------------------- the datasets
