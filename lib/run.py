@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,11 +153,14 @@ class Run:
                         f"parameter {k!r} = {key.get(k)!r} contradicts the run saved in {run_json} "
                         f"({k} = {saved['key'].get(k)!r}); its split and models were made with that value. Use another "
                         f"build folder (${config.ENV_BUILD}, or `make report BUILD=...`) or delete {root} to start over")
-        src = resolved["data_source"]
-        ds = image_data.load_image_dataset(src if src != "sipakmed" else "sipakmed", data_dir=data_dir,
-                                           seed=P["seed"], images_per_class=P["images_per_class"],
-                                           folder_abnormal=resolved["abnormal_classes"],
-                                           group_pattern=resolved["group_pattern"])
+        with warnings.catch_warnings():
+            # the stand-in is announced by a printed banner and by run.describe(); the warning's text
+            # would put this machine's cache path on every page
+            warnings.filterwarnings("ignore", message="using SYNTHETIC", category=UserWarning)
+            ds = image_data.load_image_dataset(
+                "auto" if data_source in (None, "auto") else resolved["data_source"], data_dir=data_dir,
+                seed=P["seed"], images_per_class=P["images_per_class"],
+                folder_abnormal=resolved["abnormal_classes"], group_pattern=resolved["group_pattern"])
         info = datasets.describe(ds, resolved["dataset"], resolved["group_pattern"])
         if saved is None:
             table = splits.grouped_split(ds.table, seed=P["seed"])
@@ -220,6 +224,20 @@ class Run:
         p = self.root / ARTIFACTS[artifact]
         (p if "." not in p.name else p.parent).mkdir(parents=True, exist_ok=True)
         return p
+
+    def relpaths(self, table) -> list[str]:
+        """Image paths of ``table`` relative to the dataset root: how a metrics record names images."""
+        root = Path(self.image_dataset.root) if self.image_dataset is not None else None
+        return [Path(p).relative_to(root).as_posix() if root else Path(p).name for p in table["path"]]
+
+    def rows(self, relpaths) -> pd.DataFrame:
+        """The table rows of images named by :meth:`relpaths` (e.g. notebook 02's training subset)."""
+        want = set(relpaths)
+        mine = self.relpaths(self.table)
+        keep = [r in want for r in mine]
+        if sum(keep) != len(want):
+            raise ValueError(f"{len(want) - sum(keep)} of {len(want)} saved image names are not in this run's table")
+        return self.table[keep]
 
     def relpath(self, p) -> str:
         """A path as the notebooks print it: relative to the build folder, never a machine path."""

@@ -23,7 +23,8 @@ def class_balance(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def class_balance_figure(table: pd.DataFrame):
+def class_balance_figure(table: pd.DataFrame, group_word: str = "cluster image"):
+    """Images and groups per class; ``group_word`` names a group in this dataset's terms."""
     import matplotlib.pyplot as plt
 
     cb = class_balance(table)
@@ -31,10 +32,10 @@ def class_balance_figure(table: pd.DataFrame):
     colors = ["#c0392b" if a else "#2e86c1" for a in cb["abnormal"]]
     axes[0].barh(cb.index, cb["images"], color=colors)
     axes[0].set_xlabel("images")
-    axes[0].set_title("Cells per class (red = abnormal)")
+    axes[0].set_title("Images per class (red = abnormal)")
     axes[1].barh(cb.index, cb["groups"], color=colors)
-    axes[1].set_xlabel("cluster images (groups)")
-    axes[1].set_title("Cluster images per class")
+    axes[1].set_xlabel(f"{group_word}s (groups)")
+    axes[1].set_title(f"{group_word[0].upper() + group_word[1:]}s per class")
     axes[1].set_yticklabels([])
     fig.tight_layout()
     return fig
@@ -85,18 +86,18 @@ def image_size_figure(table: pd.DataFrame):
     return fig
 
 
-def group_size_figure(table: pd.DataFrame):
-    """How many cells each cluster image contributes: why splits must be grouped."""
+def group_size_figure(table: pd.DataFrame, group_word: str = "cluster image"):
+    """How many images each group (cluster image, source image) contributes: why splits must be grouped."""
     import matplotlib.pyplot as plt
 
     sizes = table.groupby(["label", "group"]).size().rename("cells").reset_index()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for cls, d in sizes.groupby("label"):
         ax.hist(d["cells"], bins=range(1, int(sizes["cells"].max()) + 2), alpha=0.5, label=cls)
-    ax.set_xlabel("cells cropped from one cluster image")
-    ax.set_ylabel("cluster images")
+    ax.set_xlabel(f"images from one {group_word}")
+    ax.set_ylabel(f"{group_word}s")
     ax.legend(fontsize=7)
-    ax.set_title("Cells per cluster image")
+    ax.set_title(f"Images per {group_word}")
     fig.tight_layout()
     return fig
 

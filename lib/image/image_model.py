@@ -83,9 +83,13 @@ def build_image_classifier(n_classes: int, backbone: str = "efficientnet_lite0",
         top = base.get_layer("top_activation").output
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(top)
         x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout_1")(x)
-        x = keras.layers.Dense(embedding_dim, activation="relu", name="image_embedding")(x)
+        # seeded initialisers: the head's first weights must not depend on what else drew from the
+        # global Keras RNG before (a cold weights cache, another model built first)
+        x = keras.layers.Dense(embedding_dim, activation="relu", name="image_embedding",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2))(x)
         x = keras.layers.Dropout(dropout, seed=seed + 1, name="head_dropout_2")(x)
-        out = keras.layers.Dense(int(n_classes), activation="softmax", name="class_probs")(x)
+        out = keras.layers.Dense(int(n_classes), activation="softmax", name="class_probs",
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3))(x)
         return keras.Model(inp, out, name=f"image_branch_{backbone}")
 
 
@@ -334,6 +338,68 @@ def headline_accuracies(history: dict) -> dict:
     epoch = history["best_epoch"] if history.get("restored_best") else len(history["accuracy"])
     return dict(train_acc=history["accuracy"][epoch - 1], val_acc=history["val_accuracy"][epoch - 1],
                 gap=gap(history, epoch), epoch=epoch, best_val_acc=max(history["val_accuracy"]))
+
+
+def curve_summary(history: dict, val_labels=None) -> dict:
+    """What a learning curve says, read off the whole curve (peak and best epoch), not its last point:
+    the last epoch of a noisy run can hide a clear overfit, or fake one."""
+    tr, va = list(history["accuracy"]), list(history["val_accuracy"])
+    vl = list(history.get("val_loss", []))
+    out = dict(peak_train_acc=float(max(tr)), peak_train_epoch=int(np.argmax(tr)) + 1,
+               best_val_acc=float(max(va)), best_val_epoch=int(np.argmax(va)) + 1,
+               last_train_acc=float(tr[-1]), last_val_acc=float(va[-1]), epochs=len(tr))
+    if vl:
+        out.update(first_val_loss=float(vl[0]), last_val_loss=float(vl[-1]), best_val_loss=float(min(vl)),
+                   best_val_loss_epoch=int(np.argmin(vl)) + 1)
+    if val_labels is not None and len(val_labels):
+        counts = np.unique(np.asarray(val_labels), return_counts=True)[1]
+        out["majority_rate"] = float(counts.max() / counts.sum())
+    return out
+
+
+def batchnorm_diagnosis(model, train_table, val_table, image_size: int, batch_size: int = 32) -> dict:
+    """Tell memorisation from BatchNorm collapse by measurement.
+
+    Scores the training and validation images with the trained weights in inference mode
+    (moving BatchNorm statistics, what validation and test see) and in training mode (the
+    statistics of each batch, what fit-time accuracy measured).  Training mode would update the
+    moving statistics, so the weights are restored afterwards: the model is left as it was.
+    """
+    from lib.image.input_pipeline import load_images
+
+    def acc(table, training):
+        # shuffled (seeded) like fit's batches: class-sorted batches would give batch statistics fit never saw
+        order = np.random.default_rng(0).permutation(len(table))
+        x = load_images(table.iloc[order], image_size)
+        y = table["label_idx"].to_numpy()[order]
+        preds = []
+        for i in range(0, len(x), batch_size):
+            preds.append(np.asarray(model(x[i:i + batch_size], training=training)).argmax(axis=1))
+        return float((np.concatenate(preds) == y).mean())
+
+    saved = [w.copy() for w in model.get_weights()]
+    try:
+        accs = {"train, inference mode": acc(train_table, False), "train, training mode": acc(train_table, True),
+                "validation, inference mode": acc(val_table, False),
+                "validation, training mode": acc(val_table, True)}
+    finally:
+        model.set_weights(saved)
+    tr_inf, tr_bat = accs["train, inference mode"], accs["train, training mode"]
+    if tr_inf >= 0.9:
+        mech = "memorisation"
+        verdict = (f"memorisation: the trained network classifies its own training images correctly in inference "
+                   f"mode too ({tr_inf:.3f}), while validation images reach {accs['validation, inference mode']:.3f}")
+    elif tr_bat - tr_inf >= 0.15:
+        mech = "batchnorm_collapse"
+        verdict = (f"BatchNorm collapse: with batch statistics the training images score {tr_bat:.3f}, with the "
+                   f"moving statistics only {tr_inf:.3f}; the moving averages no longer match what the layers "
+                   "see, so part of the train/validation gap is an artefact of small-batch statistics")
+    else:
+        mech = "underfit"
+        verdict = (f"neither: the network does not fit its own training images in inference mode ({tr_inf:.3f}) "
+                   f"nor with batch statistics ({tr_bat:.3f}); it has not trained long enough to memorise")
+    return {"accuracies": accs, "mechanism": mech, "verdict": verdict, "n_train": int(len(train_table)),
+            "n_val": int(len(val_table))}
 
 
 # --------------------------------------------------------------------------- evaluation
