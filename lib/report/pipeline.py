@@ -9,7 +9,12 @@ Why it looks like this:
   parameters, the data folder, and every notebook before it), so a report rebuild
   after a prose fix in notebook 06 does not retrain notebook 03;
 - wall time and peak memory of each notebook's kernel are recorded in
-  ``build/<profile>/pipeline.json`` for the benchmarks.
+  ``build/<profile>/pipeline.json`` for the benchmarks;
+- one pipeline per build folder (a lock), and a notebook that fails or is interrupted
+  leaves the folder's results exactly as they were before it ran (see
+  :mod:`lib.report.runguard`);
+- the kernel's own start-up and shutdown chatter stays out of the log, its real errors
+  do not; every error ends the command with one line, not a traceback.
 
 Usage: ``python -m lib.report.pipeline --profile smoke [--data-dir D] [--force] [--only 01_eda]``
 """
@@ -19,17 +24,22 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+from jupyter_client.manager import AsyncKernelManager
+
 from lib import config
 from lib.atomic import atomic_path, read_json, write_json
+from lib.report.runguard import PipelineBusy, RunLock, Snapshot, clean_temp_files
 
 NOTEBOOKS_DIR = config.ROOT / "notebooks"
 # modules that build the report around the notebooks; editing them must not retrain anything
-REPORT_ONLY_MODULES = {"pipeline", "site", "browser_check"}
+REPORT_ONLY_MODULES = {"pipeline", "runguard", "site", "browser_check"}
 
 
 def notebook_paths(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -113,74 +123,219 @@ class _PeakRSS:
 
 
 class NotebookFailed(RuntimeError):
-    """A notebook raised; the message names the notebook and the failing cell."""
+    """A notebook raised or could not be run; the message names the notebook (and the failing cell)."""
 
 
-def run_notebook(notebook: Path, output: Path, params: dict) -> dict:
+# Lines the kernel process writes to its own stderr that say nothing about the notebook:
+# ipykernel warns about its loopback TCP transport at every start, and logs
+# "KeyboardInterrupt caught in kernel" when jupyter_client interrupts it at shutdown.
+KERNEL_CHATTER = re.compile(r"Kernel is running over TCP without encryption|KeyboardInterrupt caught in kernel")
+# For the kernel's environment only; a value the user has set wins. Level 2 hides TensorFlow's
+# C++ INFO/WARNING start-up lines (errors still show). TF_ENABLE_ONEDNN_OPTS is left alone on
+# purpose: turning oneDNN off halves CPU speed.
+KERNEL_ENV_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+class _KernelLog:
+    """Copies the kernel's stderr to ours line by line, without :data:`KERNEL_CHATTER`.
+
+    Muted once the pipeline is stopping: a kernel torn down in the middle of a cell prints
+    tracebacks about its closed sockets, which would bury the one line that matters.
+    """
+
+    def __init__(self):
+        self.muted = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def attach(self, fd: int) -> None:
+        t = threading.Thread(target=self._pump, args=(fd,), daemon=True, name="kernel-stderr")
+        t.start()
+        self._threads.append(t)
+
+    def _pump(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace")
+                if self.muted.is_set() or KERNEL_CHATTER.search(line):
+                    continue
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def wait(self, timeout: float = 3.0) -> None:
+        """Let the copies finish (the pipe closes when the kernel exits)."""
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+
+_KERNEL_LOG = _KernelLog()
+
+
+class QuietKernelManager(AsyncKernelManager):
+    """The kernel manager nbclient uses by default, with the kernel's stderr piped through
+    :class:`_KernelLog` and :data:`KERNEL_ENV_DEFAULTS` plus ``extra_env`` in its environment."""
+
+    extra_env: dict = {}
+
+    async def _async_launch_kernel(self, kernel_cmd, **kw):
+        env = dict(kw.get("env") or os.environ)
+        for key, value in KERNEL_ENV_DEFAULTS.items():
+            env.setdefault(key, value)
+        env.update(self.extra_env)
+        kw["env"] = env
+        read_fd, write_fd = os.pipe()
+        kw["stderr"] = write_fd
+        try:
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        _KERNEL_LOG.attach(read_fd)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def run_notebook(notebook: Path, output: Path, params: dict, kernel_env: dict | None = None) -> dict:
     """Execute one notebook with papermill into ``output`` (atomically).
 
-    On failure the partial copy is kept in ``build/<profile>/failed/`` for inspection and :class:`NotebookFailed` names the cell; the earlier good copy stays.
+    On failure the partial copy is kept in ``build/<profile>/failed/`` for inspection and
+    :class:`NotebookFailed` names the cell; the earlier good copy stays. Any other error
+    (the kernel died, the disk is full while papermill writes) is a :class:`NotebookFailed`
+    naming the notebook, in one line.
     """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    km_class = type("PipelineKernelManager", (QuietKernelManager,), {"extra_env": dict(kernel_env or {})})
+    _KERNEL_LOG.muted.clear()
     t0 = time.perf_counter()
-    with _PeakRSS() as mem:
-        with atomic_path(output) as tmp:
+    try:
+        with _PeakRSS() as mem, atomic_path(output) as tmp:
             try:
                 pm.execute_notebook(str(notebook), str(tmp), parameters=params, cwd=str(notebook.parent),
-                                    kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False)
+                                    kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False,
+                                    kernel_manager_class=km_class)
             except PapermillExecutionError as err:
                 failed = output.parent.parent / "failed" / output.name
                 failed.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, 0o644)  # mkstemp made it 0600; it is meant to be read
                 os.replace(tmp, failed)
+                first = (err.source.strip().splitlines() or [""])[0][:60]
                 raise NotebookFailed(
                     f"{notebook.name} failed at cell {err.cell_index} (In [{err.exec_count}]), "
-                    f"which starts {err.source.strip().splitlines()[0][:60]!r}: "
-                    f"{err.ename}: {err.evalue}\n  executed copy with the traceback: {failed}"
+                    f"which starts {first!r}: {err.ename}: {_one_line(err.evalue)} "
+                    f"(executed copy with the traceback: {failed})"
                 ) from None
+    except NotebookFailed:
+        raise
+    except Exception as err:
+        raise NotebookFailed(f"{notebook.name} could not be run: {type(err).__name__}: {_one_line(err)}") from err
+    finally:
+        _KERNEL_LOG.wait()
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(mem.peak / 2**20, 1)}
 
 
+def _recover(run: Path, out_dir: Path) -> None:
+    """Undo what a killed run left: results half-written by the notebook it died in, temporary files."""
+    snap = Snapshot.leftover(run)
+    if snap is not None:
+        notebook, what = snap.notebook, snap.restore()
+        print(f"{run}: an earlier run stopped inside {notebook}; its results were put back as before "
+              f"that notebook ({what})", flush=True)
+    gone = clean_temp_files(out_dir, run, run / "failed")
+    if gone:
+        print(f"{run}: removed {len(gone)} temporary file(s) left by an earlier run: {', '.join(gone)}", flush=True)
+
+
 def run_pipeline(profile: str = "full", data_dir=None, force: bool = False, only=None, build=None,
-                 notebooks_dir: Path = NOTEBOOKS_DIR) -> dict:
-    """Run every numbered notebook in order; skip the up-to-date ones. Returns the run record."""
+                 notebooks_dir=None) -> dict:
+    """Run every numbered notebook in order; skip the up-to-date ones. Returns the run record.
+
+    Holds the run folder's lock throughout (:class:`PipelineBusy` if another pipeline has it).
+    A notebook that fails or is interrupted leaves the folder's results as they were before it
+    ran; results of the notebooks that succeeded before it stay.
+    """
     config.run_params(profile)  # validates the profile name
-    out_dir = executed_dir(profile, build)
-    record_path = config.run_dir(profile, build) / "pipeline.json"
-    record = read_json(record_path) if record_path.exists() else {}
-    record.setdefault("notebooks", {})
+    run = config.run_dir(profile, build)
     params = {"profile": profile}
     if data_dir is not None:
         params["data_dir"] = str(Path(data_dir).resolve())
-    paths = notebook_paths(notebooks_dir)
+    paths = notebook_paths(NOTEBOOKS_DIR if notebooks_dir is None else notebooks_dir)
+    wanted = None
     if only:
         wanted = {o.removesuffix(".ipynb") for o in only}
         unknown = wanted - {p.stem for p in paths}
         if unknown:
             raise ValueError(f"--only: unknown notebook(s) {sorted(unknown)}; have {[p.stem for p in paths]}")
-    upstream = ""
-    t_all = time.perf_counter()
-    for i, nb in enumerate(paths, 1):
-        fp = fingerprint(nb, params, upstream, data_dir)
-        output = out_dir / nb.name
-        stamp = output.with_suffix(".stamp.json")
-        skip = (only and nb.stem not in wanted) or (
-            not force and output.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fp)
-        if skip:
-            print(f"[{i}/{len(paths)}] {nb.name}: up to date, skipped", flush=True)
-        else:
-            print(f"[{i}/{len(paths)}] {nb.name}: running (profile={profile}) ...", flush=True)
-            stats = run_notebook(nb, output, params)
+    # the kernel writes models and metrics where this run keeps its executed notebooks
+    kernel_env = {config.ENV_BUILD: str(config.build_dir(build))}
+    with RunLock(run):
+        out_dir = executed_dir(profile, build)
+        _recover(run, out_dir)
+        record_path = run / "pipeline.json"
+        record = read_json(record_path) if record_path.exists() else {}
+        record.setdefault("notebooks", {})
+        record["profile"] = profile
+        upstream = ""
+        t_all = time.perf_counter()
+        for i, nb in enumerate(paths, 1):
+            tag = f"[{i}/{len(paths)}] {nb.name}"
+            fp = fingerprint(nb, params, upstream, data_dir)
+            upstream = fp
+            output = out_dir / nb.name
+            stamp = output.with_suffix(".stamp.json")
+            if wanted is not None and nb.stem not in wanted:
+                print(f"{tag}: not selected (--only), not checked", flush=True)
+                continue
+            if not force and output.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fp:
+                print(f"{tag}: up to date, skipped", flush=True)
+                continue
+            print(f"{tag}: running (profile={profile}) ...", flush=True)
+            try:
+                snap = Snapshot.take(run, nb.name)
+            except OSError as err:
+                raise NotebookFailed(f"{nb.name} not run: could not copy the results in {run} first "
+                                     f"(nothing was changed): {_one_line(err)}") from err
+            try:
+                stats = run_notebook(nb, output, params, kernel_env)
+            except BaseException as err:
+                if isinstance(err, KeyboardInterrupt):
+                    _KERNEL_LOG.muted.set()
+                    err.notebook = nb.name
+                what = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                try:
+                    print(f"{tag}: {what}; results in {run} put back as before it ran ({snap.restore()})", flush=True)
+                except Exception as restore_err:
+                    print(f"{tag}: {what}; could not put the results in {run} back ({_one_line(restore_err)}); "
+                          f"the next run restores them from {snap.path.name}", flush=True)
+                raise
+            snap.drop()
             write_json(stamp, {"fingerprint": fp, **stats})
             record["notebooks"][nb.stem] = stats
-            print(f"[{i}/{len(paths)}] {nb.name}: done in {stats['seconds']} s, kernel peak RSS "
-                  f"{stats['peak_rss_mb']:.0f} MB", flush=True)
-        upstream = fp
-    record["profile"] = profile
-    record["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
-    write_json(record_path, record)
+            write_json(record_path, record)  # earlier successes stay recorded if a later notebook fails
+            print(f"{tag}: done in {stats['seconds']} s, kernel peak RSS {stats['peak_rss_mb']:.0f} MB", flush=True)
+        record["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
+        write_json(record_path, record)
     return record
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised by :func:`main`'s signal handler. A KeyboardInterrupt, so papermill
+    and nbclient let it through and every ``finally`` (temporary files, snapshot) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signal(signum, frame):
+    _KERNEL_LOG.muted.set()
+    raise Stopped(signum)
 
 
 def main(argv=None) -> int:
@@ -189,12 +344,29 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None, help="folder with uci/ and sipakmed/ (default: $CERVICAL_KIT_DATA or data/)")
     ap.add_argument("--force", action="store_true", help="rerun notebooks even if their inputs did not change")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (by stem, e.g. 01_eda)")
+    ap.add_argument("--traceback", action="store_true", help="on an error, show the full Python traceback (for debugging the kit)")
     args = ap.parse_args(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_stop_signal)
     try:
         run_pipeline(args.profile, args.data_dir, args.force, args.only)
-    except (NotebookFailed, FileNotFoundError, ValueError) as err:
-        print(f"pipeline stopped: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        during = f" while {err.notebook} was running" if getattr(err, "notebook", None) else ""
+        how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"pipeline {how}{during}", file=sys.stderr)
+        return 128 + signum
+    except Exception as err:
+        if args.traceback:
+            raise
+        known = isinstance(err, (NotebookFailed, PipelineBusy, FileNotFoundError, ValueError))
+        print(f"pipeline stopped: {'' if known else type(err).__name__ + ': '}{_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
