@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
 
-.PHONY: help venv data report notebooks site check-report test unit nbval smoke lab bench bench-full clean-notebooks clean
+.PHONY: help venv data report notebooks site check-report test unit nbval smoke lab app bench bench-full clean-notebooks clean
 
 help:
 	@echo "make report [PROFILE=full|smoke] [DATA=folder]  run the notebooks headless, render _site/"
 	@echo "make test                                      unit tests + smoke notebooks + nbval + browser check"
 	@echo "make data [DATA=folder]                        download UCI + SIPaKMeD (needs a network)"
 	@echo "make lab                                       open the notebooks in JupyterLab"
+	@echo "make app [PROFILE=full|smoke]                  local web app on 127.0.0.1:7860 (default: newest finished run)"
 	@echo "make bench                                     benchmarks -> build/benchmarks/*.json + .png"
 
 # The virtual environment is created on first use and refreshed when the pins change.
@@ -55,6 +56,10 @@ smoke:
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The Gradio app serves a finished run; PROFILE only when given (the file's default would hide the newest run).
+app: venv
+	$(PY) -m lib.serve.app $(if $(filter command line environment,$(origin PROFILE)),--profile $(PROFILE),)
 
 # Speed and memory targets, measured against baselines in the same run (JSON + PNG in build/benchmarks/).
 bench: venv
