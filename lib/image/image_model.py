@@ -407,14 +407,62 @@ def predict_probs(model, ds) -> np.ndarray:
     return np.asarray(model.predict(ds, verbose=0))
 
 
-def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, seed: int = 42) -> dict:
-    """Multi-class and binary-risk evaluation of ``model`` on ``ds`` (built from ``table`` unshuffled).
+def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, seed: int = 42,
+             group_word: str = "groups") -> dict:
+    """Multi-class and binary-risk evaluation of ``model`` on ``ds`` (built from ``table`` unshuffled);
+    see :func:`score_probs` for what it returns."""
+    probs = predict_probs(model, ds)
+    if probs.shape != (len(table), len(list(classes))):
+        raise ValueError(f"predictions have shape {probs.shape}, expected ({len(table)}, {len(list(classes))}): "
+                         "build the dataset from this table with training=False")
+    return score_probs(probs, table, classes, abnormal_classes, n_boot=n_boot, seed=seed, group_word=group_word)
 
-    Returns ``n``, ``accuracy``, ``macro_f1``, ``confusion_matrix`` (rows true, columns predicted, in
-    ``classes`` order), ``per_class`` (sklearn ``classification_report`` dict), ``abnormal_classes``,
-    ``binary`` (:func:`lib.metrics.binary_report` of abnormal score vs abnormal truth, or ``None`` when
-    the set has only one of the two), and arrays ``y_true``, ``probs``, ``abnormal_score``,
-    ``y_abnormal`` (not JSON: see :func:`evaluation_summary`).
+
+def accuracy(model, table, image_size: int, batch_size: int = 32) -> float:
+    """Accuracy of ``model`` on the rows of ``table`` in inference mode (no augmentation, moving BatchNorm
+    statistics): how validation and test images are scored."""
+    from lib.image.input_pipeline import load_images
+
+    x = load_images(table, image_size)
+    pred = np.concatenate([np.asarray(model(x[i:i + batch_size], training=False)).argmax(axis=1)
+                           for i in range(0, len(x), batch_size)])
+    return float((pred == table["label_idx"].to_numpy()).mean())
+
+
+def macro_f1_interval(y, pred, groups, n_labels: int, n_boot: int = 1000, seed: int = 42, ci: float = 0.95) -> dict:
+    """Percentile-bootstrap interval of macro-F1 that resamples whole groups within each class, so
+    images of one cluster or source image count once, as they should."""
+    from sklearn.metrics import f1_score
+
+    y, pred, groups = np.asarray(y), np.asarray(pred), np.asarray(groups)
+    labels = list(range(n_labels))
+    by_class = {}
+    for g in dict.fromkeys(groups.tolist()):
+        members = np.flatnonzero(groups == g)
+        by_class.setdefault(int(y[members[0]]), []).append(members)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = np.concatenate([m for groups_c in by_class.values()
+                              for k in rng.integers(0, len(groups_c), len(groups_c)) for m in [groups_c[k]]])
+        vals.append(f1_score(y[idx], pred[idx], labels=labels, average="macro", zero_division=0))
+    a = (1 - ci) / 2
+    n_groups = sum(len(v) for v in by_class.values())
+    return {"value": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+            "ci_low": float(np.quantile(vals, a)), "ci_high": float(np.quantile(vals, 1 - a)),
+            "method": f"{ci:.0%} percentile bootstrap over {n_groups} groups, resampled within class, {n_boot} draws"}
+
+
+def score_probs(probs, table, classes, abnormal_classes, n_boot: int = 200, seed: int = 42,
+                group_word: str = "groups") -> dict:
+    """Scores of class probabilities ``probs`` for the rows of ``table``: the one evaluation every image
+    model of the kit goes through (fine-tuned or linear probe), intervals resampling ``table['group']``.
+
+    Returns ``n``, ``accuracy``, ``macro_f1`` (+ ``macro_f1_ci``), ``confusion_matrix`` (rows true,
+    columns predicted), ``per_class`` (sklearn ``classification_report`` dict), ``abnormal_classes``,
+    ``binary`` (:func:`lib.metrics.binary_report` of abnormal score vs abnormal truth with a group
+    bootstrap, or ``None`` when the set has only one of the two), and arrays ``y_true``, ``probs``,
+    ``abnormal_score``, ``y_abnormal`` (not JSON: see :func:`evaluation_summary`).
     """
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
@@ -424,11 +472,9 @@ def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, see
     unknown = [c for c in abnormal_classes if c not in classes]
     if unknown:
         raise ValueError(f"parameter 'abnormal_classes': {unknown} not among the classes {classes}")
-    probs = predict_probs(model, ds)
-    if probs.shape != (len(table), len(classes)):
-        raise ValueError(f"predictions have shape {probs.shape}, expected ({len(table)}, {len(classes)}): "
-                         "build the dataset from this table with training=False")
+    probs = np.asarray(probs)
     y = table["label_idx"].to_numpy().astype(int)
+    groups = table["group"].to_numpy()
     pred = probs.argmax(axis=1)
     labels = list(range(len(classes)))
     abn_idx = [classes.index(c) for c in abnormal_classes]
@@ -436,12 +482,14 @@ def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, see
     y_abn = np.isin(y, abn_idx)
     binary = None
     if abn_idx and 0 < y_abn.sum() < len(y_abn):
-        binary = metrics.binary_report(y_abn, score, n_boot=n_boot, seed=seed)
+        binary = metrics.binary_report(y_abn, score, n_boot=n_boot, seed=seed, groups=groups, group_names=group_word)
     return {
         "n": int(len(y)),
+        "n_groups": int(len(set(groups.tolist()))),
         "classes": classes,
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1_ci": macro_f1_interval(y, pred, groups, len(classes), n_boot=n_boot, seed=seed),
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
         "per_class": classification_report(y, pred, labels=labels, target_names=classes, output_dict=True,
                                            zero_division=0),
@@ -449,6 +497,21 @@ def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, see
         "binary": binary,
         "y_true": y, "probs": probs, "abnormal_score": score, "y_abnormal": y_abn,
     }
+
+
+def comparison_table(evals: dict):
+    """One row per image model (fine-tuned, linear probe, ...): macro-F1 and abnormal AUC with intervals."""
+    import pandas as pd
+
+    rows = {}
+    for name, ev in evals.items():
+        b = ev["binary"] or {}
+        auc = b.get("auc", {})
+        rows[name] = {"macro_f1": ev["macro_f1"], "macro_f1_low": ev["macro_f1_ci"]["ci_low"],
+                      "macro_f1_high": ev["macro_f1_ci"]["ci_high"], "abnormal_auc": auc.get("value"),
+                      "auc_low": auc.get("ci_low"), "auc_high": auc.get("ci_high"), "accuracy": ev["accuracy"],
+                      "n_test": ev["n"], "test_groups": ev["n_groups"]}
+    return pd.DataFrame(rows).T
 
 
 def evaluation_summary(ev: dict) -> dict:
