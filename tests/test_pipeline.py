@@ -1,4 +1,4 @@
-"""lib.report.pipeline runs real notebooks with papermill; lib.report.site renders them; tools/nbclean keeps sources clean."""
+"""lib.report.pipeline runs real notebooks with papermill; tools/nbclean keeps sources clean (the site: test_site.py)."""
 import json
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from lib import config
-from lib.report import pipeline, site
+from lib.report import pipeline
 
 ROOT = config.ROOT
 
@@ -98,47 +98,6 @@ def test_committed_notebooks_are_clean():
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "nbclean.py"), "--check", *map(str, nbs)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
-
-
-def test_site_renders_with_nbconvert(nbdir, tmp_path, monkeypatch):
-    """Stage executed notebooks, then build the fallback site; the banner appears for synthetic results."""
-    build = tmp_path / "build"
-    monkeypatch.setenv(config.ENV_BUILD, str(build))
-    monkeypatch.setattr(site, "STAGE", build / "report")
-    pipeline.run_pipeline("smoke", notebooks_dir=nbdir, build=build)
-    from lib.atomic import write_json
-
-    write_json(config.metrics_dir("smoke") / "01_first.json",
-               {"notebook": "01_first", "synthetic": True, "headline": {"accuracy": 0.5}})
-    staged = site.stage("smoke")
-    assert [p.name for p in staged] == ["01_first.ipynb", "02_second.ipynb"]
-    first = json.loads(staged[0].read_text())
-    assert "SYNTHETIC DATA" in "".join(first["cells"][1]["source"])
-    assert "SYNTHETIC DATA" not in json.dumps(json.loads(staged[1].read_text()))
-    head = (build / "report" / "_headline.md").read_text()
-    assert "| 01_first | synthetic stand-in | accuracy | 0.500 |" in head  # no curated list: first keys shown
-    write_json(config.metrics_dir("smoke") / "03_image_branch.json",
-               {"synthetic": False, "headline": {"macro_f1": 0.9751, "noise": 1.0}})
-    head = site.headline_markdown("smoke")
-    assert "| 03_image_branch | real | macro-F1, 5 classes (test) | 0.975 |" in head and "noise" not in head
-    out = tmp_path / "site"
-    out.mkdir()
-    site.render_nbconvert(staged, out)
-    names = sorted(p.name for p in out.glob("*.html"))
-    assert names == ["01_first.html", "02_second.html", "data_provenance.html", "index.html", "model_card.html"]
-    assert "rendered with nbconvert" in (out / "index.html").read_text()
-
-
-def test_rendered_pages_show_a_progress_bar_once_not_every_redraw():
-    outs = [{"output_type": "stream", "name": "stderr", "text": ["\r", "views 0%|  | 0/9"]},
-            {"output_type": "stream", "name": "stderr", "text": "\rviews 50%|# | 4/9\rviews 100%|##| 9/9\n"},
-            {"output_type": "stream", "name": "stdout", "text": "epoch 1/2\r\nepoch 2/2\n"},
-            {"output_type": "display_data", "data": {"text/plain": "x"}, "metadata": {}}]
-    got = site.collapse_progress(outs)
-    assert [o["output_type"] for o in got] == ["stream", "stream", "display_data"]
-    assert got[0]["text"] == "views 100%|##| 9/9\n"
-    assert got[1]["text"] == "epoch 1/2\nepoch 2/2\n"  # Windows line ends are not redraws
-    assert got[2] == outs[3] and outs[0]["text"] == ["\r", "views 0%|  | 0/9"]  # input untouched
 
 
 # --- one run per build folder, no half-updated results, no temporary files, one-line errors ---------------------
