@@ -248,11 +248,12 @@ class Run:
             return p.name
 
     # ------------------------------------------------------------------ metrics and figures
-    def save_metrics(self, notebook: str, headline: dict, **details) -> Path:
+    def save_metrics(self, notebook: str, headline: dict, synthetic: bool | None = None, **details) -> Path:
         """The one writer of a notebook's metrics record: strict JSON, wall-clock numbers moved to
         ``timings/<notebook>.json`` (the pipeline gathers them), so reruns compare byte for byte."""
         timings: dict = {}
-        record = _strict({"notebook": notebook, "profile": self.profile, "synthetic": self.synthetic,
+        synthetic = self.synthetic if synthetic is None else bool(synthetic)  # 04 shows no image result
+        record = _strict({"notebook": notebook, "profile": self.profile, "synthetic": synthetic,
                           "dataset": self.dataset.name, "headline": headline, **details}, timings)
         out = write_json(self.path("metrics") / f"{notebook}.json", record)
         if timings:
