@@ -54,8 +54,9 @@ test: unit
 smoke:
 	$(MAKE) report PROFILE=smoke
 
+# Jupyter refuses to start as root without --allow-root (containers often run as root)
 lab: venv
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/
 
 # The Gradio app serves a finished run; PROFILE only when given (the file's default would hide the newest run).
 app: venv
