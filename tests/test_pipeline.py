@@ -130,9 +130,10 @@ def _results(run):
             and k not in ("pipeline.json", ".pipeline.lock")}
 
 
-def test_failed_notebook_puts_results_back_and_keeps_earlier_successes(tmp_path, capsys):
+def test_failed_notebook_puts_results_back_and_keeps_earlier_successes(tmp_path, capsys, monkeypatch):
     nbdir, build = tmp_path / "notebooks", tmp_path / "build"
     nbdir.mkdir()
+    monkeypatch.setenv(config.ENV_BUILD, str(build))
     _nb(nbdir / "01_first.ipynb", [_WRITE, "write('metrics', '01_first.json', '{\"v\": 1}')"])
     _nb(nbdir / "02_second.ipynb", [_WRITE, "write('metrics', '02_second.json', '{\"v\": 1}')",
                                      "write('models', 'branch.keras', 'weights v1')"])
@@ -215,7 +216,9 @@ def test_second_pipeline_on_one_folder_is_refused_and_a_killed_run_blocks_nothin
     assert "quick" in (run / "notebooks" / "01_first.ipynb").read_text()
 
 
-def test_ctrl_c_restores_results_cleans_temp_files_and_says_one_line(tmp_path):
+@pytest.mark.parametrize("signame, rc, said", [("SIGINT", 130, "interrupted (Ctrl-C)"),
+                                               ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_ctrl_c_restores_results_cleans_temp_files_and_says_one_line(tmp_path, signame, rc, said):
     import signal
 
     nbdir, build = tmp_path / "notebooks", tmp_path / "build"
@@ -225,12 +228,12 @@ def test_ctrl_c_restores_results_cleans_temp_files_and_says_one_line(tmp_path):
     proc = _pipeline_process(nbdir, build)
     try:
         _wait_for(run / "inside.txt")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signame))
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["pipeline interrupted (Ctrl-C) while 01_first.ipynb was running"]
+    assert proc.returncode == rc, err
+    assert err.strip().splitlines() == [f"pipeline {said} while 01_first.ipynb was running"]
     assert "01_first.ipynb: interrupted; results in" in out and "(2 new files removed" in out
     assert _results(run) == {} and list((run / "notebooks").iterdir()) == []  # no temporary notebook left
     assert not (run / ".pipeline-snapshot").exists()
@@ -272,16 +275,18 @@ def test_kernel_chatter_stays_out_of_the_log_real_errors_and_tf_quiet_env_do_not
     import os
 
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.delenv(config.ENV_BUILD, raising=False)
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
     _nb(nbdir / "01_first.ipynb", ["import os\nprint('env', os.environ.get('TF_CPP_MIN_LOG_LEVEL'), "
-                                   "os.environ.get('TF_ENABLE_ONEDNN_OPTS'))\n"
+                                   "os.environ.get('TF_ENABLE_ONEDNN_OPTS'), os.environ.get('CERVICAL_KIT_BUILD'))\n"
                                    "os.write(2, b'kernel says: a real problem\\n')"])
     pipeline.run_pipeline("smoke", notebooks_dir=nbdir, build=tmp_path / "build")
     err = capfd.readouterr().err
     assert "without encryption" not in err and "kernel says: a real problem" in err
     executed = (tmp_path / "build" / "smoke" / "notebooks" / "01_first.ipynb").read_text()
-    assert "env 2 None" in executed  # TF quiet in the kernel; oneDNN (speed) left alone
+    # TF quiet in the kernel, oneDNN (speed) left alone, results go to the build folder the pipeline was given
+    assert f"env 2 None {tmp_path / 'build'}" in executed
     assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ  # the pipeline's own environment is untouched
     # the filter itself, on the two known chatter lines ("KeyboardInterrupt caught" comes at random shutdowns)
     log = pipeline._KernelLog()
