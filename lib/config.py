@@ -109,6 +109,7 @@ PROFILES: dict[str, dict] = {
         tabular_epochs=30,
         bootstrap=200,
         gradcam_check_images=None,  # notebook 06: Grad-CAM checks on every test image
+        fusion_head_epochs=150,     # notebook 05: most epochs per fusion head (early stopping picks the best)
     ),
     # the real thing: every image, 224 px
     "full": dict(
@@ -125,6 +126,7 @@ PROFILES: dict[str, dict] = {
         tabular_epochs=200,
         bootstrap=1000,
         gradcam_check_images=200,   # notebook 06: each check is several Grad-CAM passes; a stratified sample
+        fusion_head_epochs=300,
     ),
 }
 
