@@ -91,13 +91,23 @@ def group_size_figure(table: pd.DataFrame, group_word: str = "cluster image"):
     import matplotlib.pyplot as plt
 
     sizes = table.groupby(["label", "group"]).size().rename("cells").reset_index()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    for cls, d in sizes.groupby("label"):
-        ax.hist(d["cells"], bins=range(1, int(sizes["cells"].max()) + 2), alpha=0.5, label=cls)
-    ax.set_xlabel(f"images from one {group_word}")
-    ax.set_ylabel(f"{group_word}s")
-    ax.legend(fontsize=7)
-    ax.set_title(f"Images per {group_word}")
+    # one small panel per class on a shared axis: overlaid translucent histograms of five classes
+    # blend into one colour and cannot be read
+    classes = sorted(sizes["label"].unique())
+    bins = np.arange(1, int(sizes["cells"].max()) + 2) - 0.5
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(len(classes), 1, sharex=True, sharey=True, squeeze=False,
+                             figsize=(6.5, 1.15 * len(classes) + 1.0))
+    for i, (ax, cls) in enumerate(zip(axes[:, 0], classes)):
+        d = sizes.loc[sizes["label"] == cls, "cells"]
+        ax.hist(d, bins=bins, color=colors[i % len(colors)], edgecolor="white")
+        ax.set_title(f"{cls}: {len(d)} {group_word}s, median {d.median():g} images each", loc="left",
+                     fontsize=8, pad=2)
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel(f"images from one {group_word}")
+    axes[len(classes) // 2, 0].set_ylabel(f"{group_word}s")
+    axes[-1, 0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.suptitle(f"Images per {group_word}, by class", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -107,18 +117,29 @@ def missingness_figure(raw: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     miss = raw.isna()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 1.3]})
-    axes[0].imshow(miss.to_numpy().T, aspect="auto", cmap="Greys", interpolation="nearest")
-    axes[0].set_yticks(range(raw.shape[1]))
-    axes[0].set_yticklabels(raw.columns, fontsize=6)
-    axes[0].set_xlabel("patient (row)")
+    # columns ordered by how much is missing, the same order in both panels, so each label is
+    # written once, at a readable size, on a figure tall enough for one line per column
+    order = miss.mean().sort_values(ascending=False).index
+    miss, frac = miss[order], miss[order].mean()
+    n = len(order)
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(13, max(4.0, 0.22 * n + 1.4)),
+                             gridspec_kw={"width_ratios": [3, 1.2]})
+    axes[0].imshow(miss.to_numpy().T, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+    axes[0].set_yticks(range(n))
+    axes[0].set_yticklabels(order, fontsize=8)
+    axes[0].set_xlabel("patient (row of the raw table)")
     axes[0].set_title("Missing values (black = '?')")
     axes[0].grid(False)
-    frac = miss.mean().sort_values()
-    axes[1].barh(frac.index, frac.values, color=["#c0392b" if f > 0.5 else "#7f8c8d" for f in frac.values])
+    axes[1].barh(range(n), frac.values, color=["#c0392b" if f > 0.5 else "#7f8c8d" for f in frac.values], height=0.7)
+    for i, f in enumerate(frac.values):
+        if f > 0.75:
+            axes[1].text(f - 0.02, i, f"{f:.0%}", va="center", ha="right", fontsize=7, color="white")
+        elif f > 0:
+            axes[1].text(f + 0.02, i, f"{f:.0%}", va="center", fontsize=7)
     axes[1].set_xlim(0, 1)
-    axes[1].tick_params(axis="y", labelsize=6)
+    axes[1].set_xlabel("fraction missing (red: over half)")
     axes[1].set_title("Fraction missing per column")
+    axes[1].grid(axis="y", visible=False)
     fig.tight_layout()
     return fig
 
