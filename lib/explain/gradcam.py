@@ -377,6 +377,23 @@ def agreement(a, b, undefined: float = np.nan) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- model randomisation
+def border_share(maps, frac: float = 0.15) -> np.ndarray:
+    """Per map, the share of its (non-negative) mass that lies in the outer ``frac`` of the image on
+    every side: a crude shortcut detector - evidence on an image's border (fill streaks left by
+    augmentation, a slide edge) is not cytology.  NaN for a blank map."""
+    m = np.clip(np.asarray(maps, dtype="float64"), 0, None)
+    if m.ndim != 3:
+        raise ValueError(f"maps: expected (n, height, width), got shape {m.shape}")
+    if not 0 < frac < 0.5:
+        raise ValueError(f"parameter 'frac': expected a fraction in (0, 0.5), got {frac!r}")
+    h, w = m.shape[1:]
+    bh, bw = max(1, int(round(h * frac))), max(1, int(round(w * frac)))
+    inner = m[:, bh:h - bh, bw:w - bw].sum(axis=(1, 2))
+    total = m.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 1 - inner / total, np.nan)
+
+
 def _fresh_value(layer, var, seed: int):
     """A re-initialised value for ``var`` of ``layer`` from the layer's own initializer (seeded)."""
     import keras
@@ -691,6 +708,15 @@ def methods_figure(images, maps: dict, row_titles=None, alpha: float = 0.4, cmap
                           suptitle=suptitle, panel_size=panel_size, fontsize=fontsize)
 
 
+def _empty_slot_text(kind: str, found: int, n_class: int) -> str:
+    """What an empty gallery slot says: how many such predictions the class had at all."""
+    if n_class == 0:
+        return "no test image\nof this class"
+    if found == 0:
+        return f"no {kind}\nprediction\n({n_class} test image{'s' if n_class != 1 else ''})"
+    return f"only {found} {kind}\nprediction{'s' if found != 1 else ''}"
+
+
 def class_gallery(images, heatmaps, y_true, y_pred, classes, probs=None, per_class: int = 2,
                   suptitle: str | None = None, **kwargs):
     """Per-class gallery: one row per true class, ``per_class`` correct then ``per_class`` wrong overlays.
@@ -700,16 +726,17 @@ def class_gallery(images, heatmaps, y_true, y_pred, classes, probs=None, per_cla
     """
     classes = list(classes)
     sel = select_examples(y_true, y_pred, len(classes), per_class=per_class, probs=probs)
-    ims, hms, titles = [], [], []
+    ims, hms, titles, empty = [], [], [], []
     for c in range(len(classes)):
         for kind in ("correct", "wrong"):
             part = sel[(sel["true"] == c) & (sel["kind"] == kind)]
             for slot in range(per_class):
                 row = part[part["slot"] == slot]
-                if row.empty:
+                if row.empty:  # every empty slot says why it is empty (an unlabeled grey box reads as a bug)
+                    empty.append(len(ims))
                     ims.append(None)
                     hms.append(None)
-                    titles.append(f"no {kind}\nprediction" if slot == 0 else "")
+                    titles.append(_empty_slot_text(kind, len(part), int((np.asarray(y_true) == c).sum())))
                     continue
                 r = row.iloc[0]
                 i = int(r["index"])
@@ -720,6 +747,13 @@ def class_gallery(images, heatmaps, y_true, y_pred, classes, probs=None, per_cla
                 titles.append(f"{head}{conf}")
     labels = [c.replace("-", "-\n") for c in classes]
     fig = gallery_figure(ims, hms, titles, ncols=2 * per_class, row_labels=labels, suptitle=suptitle, **kwargs)
+    panels = fig.axes[:len(ims)]  # row-major, as gallery_figure lays them out; the colour bar comes last
+    for i in empty:  # an outline, not a grey block: nothing is hidden there
+        panels[i].set_facecolor("white")
+        for sp in panels[i].spines.values():
+            sp.set_visible(True)
+            sp.set_linestyle((0, (3, 3)))
+            sp.set_edgecolor("0.75")
     sel = sel.assign(true_class=[classes[i] for i in sel["true"]], pred_class=[classes[i] for i in sel["pred"]])
     return fig, sel
 

@@ -595,4 +595,9 @@ def load_model(path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image branch model {str(path)!r} not found: run notebooks/03_image_branch.ipynb")
-    return keras.saving.load_model(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        # the optimizer state is not needed to predict or explain; Keras warns with its own file path
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
+        return keras.saving.load_model(path)
