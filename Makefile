@@ -6,11 +6,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
+# The dataset, set once for every notebook (see data/README.md): IMAGES=folder-per-class root,
+# DATASET=preset (e.g. lbc), ABNORMAL=HSIL,LSIL,SCC, GROUP_PATTERN='regex'; BUILD=folder for the run.
+RUN_ARGS := $(DATA_ARG) $(if $(IMAGES),--data-source "$(IMAGES)",) $(if $(DATASET),--dataset $(DATASET),) \
+	$(if $(ABNORMAL),--abnormal-classes "$(ABNORMAL)",) $(if $(GROUP_PATTERN),--group-pattern '$(GROUP_PATTERN)',)
+BUILD_ENV := $(if $(BUILD),CERVICAL_KIT_BUILD="$(abspath $(BUILD))",)
+# Real cytology for `make test`: a small grouped subset of the LBC set beside the clone (skipped when absent).
+LBC ?= ../shared/data/lbc/Resampled-pap-smear-images
 
-.PHONY: help venv data report notebooks site check-report test unit nbval smoke lab app bench bench-full clean-notebooks clean
+.PHONY: help venv data report notebooks site check-report test unit nbval smoke real-data lab app bench bench-full clean-notebooks clean
 
 help:
 	@echo "make report [PROFILE=full|smoke] [DATA=folder]  run the notebooks headless, render _site/"
+	@echo "     [IMAGES=folder DATASET=lbc ABNORMAL=A,B GROUP_PATTERN=regex BUILD=folder]  your own images"
 	@echo "make test                                      unit tests + smoke notebooks + nbval + browser check"
 	@echo "make data [DATA=folder]                        download UCI + SIPaKMeD (needs a network)"
 	@echo "make lab                                       open the notebooks in JupyterLab"
@@ -29,10 +37,10 @@ data: venv
 	$(PY) -m lib.scaffold.download all $(DATA_ARG)
 
 notebooks: venv
-	$(PY) -m lib.report.pipeline --profile $(PROFILE) $(DATA_ARG)
+	$(BUILD_ENV) $(PY) -m lib.report.pipeline --profile $(PROFILE) $(RUN_ARGS)
 
 site: venv
-	$(PY) -m lib.report.site --profile $(PROFILE)
+	$(BUILD_ENV) $(PY) -m lib.report.site --profile $(PROFILE)
 
 report: notebooks site
 
@@ -50,6 +58,13 @@ test: unit
 	$(MAKE) report PROFILE=smoke
 	$(MAKE) nbval
 	$(MAKE) check-report
+	$(MAKE) real-data
+
+# The same six notebooks, unchanged, on real cytology (smoke: a small grouped subset of LBC) into build/lbc/.
+real-data: venv
+	@if [ -d "$(LBC)" ]; then \
+	  $(MAKE) notebooks PROFILE=smoke IMAGES="$(LBC)" DATASET=lbc BUILD=build/lbc; \
+	else echo "SKIPPED real-data check: LBC images not found at $(LBC) (set LBC=folder; see data/README.md)"; fi
 
 smoke:
 	$(MAKE) report PROFILE=smoke
