@@ -128,8 +128,15 @@ class NotebookFailed(RuntimeError):
 
 # Lines the kernel process writes to its own stderr that say nothing about the notebook:
 # ipykernel warns about its loopback TCP transport at every start, and logs
-# "KeyboardInterrupt caught in kernel" when jupyter_client interrupts it at shutdown.
-KERNEL_CHATTER = re.compile(r"Kernel is running over TCP without encryption|KeyboardInterrupt caught in kernel")
+# "KeyboardInterrupt caught in kernel" when jupyter_client interrupts it at shutdown;
+# TensorFlow's import prints two INFO notices before its log level applies (no environment
+# variable silences them, short of turning oneDNN off). Warnings and errors pass.
+KERNEL_CHATTER = re.compile("|".join([
+    r"Kernel is running over TCP without encryption",
+    r"KeyboardInterrupt caught in kernel",
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$",
+    r"^I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on",
+]))
 # For the kernel's environment only; a value the user has set wins. Level 2 hides TensorFlow's
 # C++ INFO/WARNING start-up lines (errors still show). TF_ENABLE_ONEDNN_OPTS is left alone on
 # purpose: turning oneDNN off halves CPU speed.
