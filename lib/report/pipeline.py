@@ -260,7 +260,8 @@ def _recover(run: Path, out_dir: Path) -> None:
 
 
 def run_pipeline(profile: str = "full", data_dir=None, force: bool = False, only=None, build=None,
-                 notebooks_dir=None) -> dict:
+                 notebooks_dir=None, data_source=None, dataset=None, abnormal_classes=None,
+                 group_pattern=None) -> dict:
     """Run every numbered notebook in order; skip the up-to-date ones. Returns the run record.
 
     Holds the run folder's lock throughout (:class:`PipelineBusy` if another pipeline has it).
@@ -272,6 +273,15 @@ def run_pipeline(profile: str = "full", data_dir=None, force: bool = False, only
     params = {"profile": profile}
     if data_dir is not None:
         params["data_dir"] = str(Path(data_dir).resolve())
+    # the dataset is set once, here, for every notebook; checked now, before any image is decoded
+    if any(v is not None for v in (data_source, dataset, abnormal_classes, group_pattern)):
+        from lib.run import check_inputs
+
+        resolved = check_inputs(data_dir, data_source or "auto", dataset, abnormal_classes, group_pattern)
+        params.update({k: v for k, v in dict(
+            data_source=data_source and resolved["data_source"], dataset=dataset,
+            abnormal_classes=resolved["abnormal_classes"] if abnormal_classes is not None else None,
+            group_pattern=group_pattern).items() if v is not None})
     paths = notebook_paths(NOTEBOOKS_DIR if notebooks_dir is None else notebooks_dir)
     wanted = None
     if only:
@@ -323,6 +333,9 @@ def run_pipeline(profile: str = "full", data_dir=None, force: bool = False, only
                 raise
             snap.drop()
             write_json(stamp, {"fingerprint": fp, **stats})
+            timings = run / "timings" / f"{nb.stem}.json"  # wall-clock numbers the notebook kept out of its metrics
+            if timings.exists():
+                stats = {**stats, "inside": read_json(timings)}
             record["notebooks"][nb.stem] = stats
             write_json(record_path, record)  # earlier successes stay recorded if a later notebook fails
             print(f"{tag}: done in {stats['seconds']} s, kernel peak RSS {stats['peak_rss_mb']:.0f} MB", flush=True)
@@ -352,13 +365,21 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun notebooks even if their inputs did not change")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (by stem, e.g. 01_eda)")
     ap.add_argument("--traceback", action="store_true", help="on an error, show the full Python traceback (for debugging the kit)")
+    ap.add_argument("--data-source", default=None,
+                    help="the images: 'synthetic', 'sipakmed', or a folder-per-class dataset (default: auto)")
+    ap.add_argument("--dataset", default=None, help="a dataset preset, e.g. 'lbc' (abnormal classes + group pattern)")
+    ap.add_argument("--abnormal-classes", default=None, help="comma-separated positive class folders, e.g. HSIL,LSIL,SCC")
+    ap.add_argument("--group-pattern", default=None,
+                    help="regex searched in each file stem; its capture names the source image (copies share a group)")
     args = ap.parse_args(argv)
+    abnormal = None if args.abnormal_classes is None else [c.strip() for c in args.abnormal_classes.split(",") if c.strip()]
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _on_stop_signal)
     try:
-        run_pipeline(args.profile, args.data_dir, args.force, args.only)
+        run_pipeline(args.profile, args.data_dir, args.force, args.only, data_source=args.data_source,
+                     dataset=args.dataset, abnormal_classes=abnormal, group_pattern=args.group_pattern)
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         during = f" while {err.notebook} was running" if getattr(err, "notebook", None) else ""
