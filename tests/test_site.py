@@ -228,8 +228,28 @@ def test_dataset_cards_one_per_dataset(built):
     assert _headings(page, "h2") == ["Cell images", "UCI Cervical cancer (Risk Factors), dataset 383"]
     text = page.read_text()
     assert "YES: procedurally drawn" in text and "CC BY 4.0" in text and "Parabasal" in text and "835" in text
+    assert "This dataset is SYNTHETIC" in text
     real = built(synthetic=False) / "dataset_cards.html"
-    assert "no: real cell images" in real.read_text() and "synthetic-banner" not in real.read_text()
+    assert "no: real cell images" in real.read_text() and "This dataset is SYNTHETIC" not in real.read_text()
+
+
+def test_dataset_card_reads_the_runs_dataset_description(tmp_path, monkeypatch):
+    from lib.data import datasets
+
+    monkeypatch.setenv(config.ENV_BUILD, str(tmp_path / "build"))
+    _make_run(tmp_path / "build", synthetic=False)
+    info = datasets.DatasetInfo(name="Liquid-based cytology Pap smears", preset="lbc", source="folder",
+                                classes=["HSIL", "LSIL", "NL", "SCC"], abnormal_classes=["HSIL", "LSIL", "SCC"],
+                                synthetic=False, group_unit="source image", groups_are_clusters=False,
+                                group_pattern=None, n_images=2246, n_groups=1100, shipped_split_groups_on_both_sides=224,
+                                licence="CC BY 4.0", source_url="Mendeley Data, DOI 10.17632/zddtpgzv63")
+    write_json(config.run_dir("smoke") / "run.json", {"params": {"backbone": "efficientnet_lite0", "image_size": 64,
+                                                                  "seed": 7}, "dataset": info.to_dict()})
+    md = site.dataset_cards_markdown("smoke")
+    for want in ("Liquid-based cytology", "1100 source images", "puts 224 source images on both sides",
+                 "| **licence** | CC BY 4.0 |", "HSIL, LSIL, SCC", "no: real cell images"):
+        assert want in md, want
+    assert "| **seed** | 7 |" in site.run_summary_markdown("smoke")
 
 
 # --------------------------------------------------------------------------- checklist, run summary, banner
@@ -269,7 +289,7 @@ def test_run_summary_times_memory_versions(built, tmp_path):
 def test_banner_only_on_pages_with_synthetic_results(built):
     out = built(synthetic=True, card_synthetic=False)
     has = {p.stem: "synthetic-banner" in p.read_text() for p in out.glob("*.html")}
-    assert not has["data_provenance"] and not has["run_summary"]
+    assert not has["data_provenance"] and not has["run_summary"] and not has["dataset_cards"]
     assert not has["model_card"]  # the card says its data were real
     assert has["index"] and has["06_gradcam"] and not has["04_tabular_mlp"]
     out = built(synthetic=False)

@@ -59,6 +59,7 @@ CLINICAL_NOTE = (
 # (Each notebook's JSON holds many more; its own page shows them.)
 HEADLINE = {
     "01_eda": [("images", "cell images used"), ("cluster_images", "cluster images (groups)"),
+               ("groups", "groups (cluster or source images)"),
                ("biopsy_prevalence", "Biopsy prevalence (UCI)"), ("best_leaky_column_auc", "AUC of the best leaking screening column alone")],
     "02_overfitting_baseline": [("train_acc", "naive recipe: train accuracy"), ("val_acc", "naive recipe: validation accuracy"),
                                 ("gap", "naive recipe: train-validation gap")],
@@ -96,12 +97,14 @@ def _read(path: Path) -> dict:
 
 
 def run_metadata(profile: str) -> dict:
-    """Everything the generated pages read: ``{"metrics": {stem: dict}, "cards": [(path, dict)], "pipeline": dict}``."""
+    """Everything the generated pages read: ``{"metrics": {stem: dict}, "cards": [(path, dict)], "pipeline": dict,
+    "run": dict}``."""
     return {
         "profile": profile,
         "metrics": {p.stem: _read(p) for p in metrics_files(profile)},
         "cards": [(p, _read(p)) for p in sorted(config.models_dir(profile).glob("*card*.json"))],
         "pipeline": _read(config.run_dir(profile) / "pipeline.json"),
+        "run": _read(config.run_dir(profile) / "run.json"),  # parameters + dataset description (lib.run)
     }
 
 
@@ -291,7 +294,18 @@ LICENCES = {
 }
 
 
+def _dataset_description(meta: dict) -> dict:
+    """The image dataset's description (``lib.data.datasets.DatasetInfo``) the run saved, or ``{}``."""
+    d = _get(meta.get("run", {}), "dataset", default=None)
+    if not isinstance(d, dict):
+        d = _get(meta["metrics"].get("01_eda", {}), "dataset_description", default={})
+    return d if isinstance(d, dict) else {}
+
+
 def _image_source(meta: dict):
+    d = _dataset_description(meta)
+    if d.get("source"):
+        return d.get("name") or d["source"], bool(d.get("synthetic"))
     for stem in ("03_image_branch", "02_overfitting_baseline", "06_gradcam", "01_eda"):
         m = meta["metrics"].get(stem, {})
         if "data_source" in m:
@@ -304,22 +318,46 @@ def _image_source(meta: dict):
     return NOT_RECORDED, bool(syn and any(syn))
 
 
+SYNTHETIC_NOTE = ('<div class="synthetic-note" style="border-left:6px solid #c0392b;padding:0.4em 0.8em;'
+                  'margin:0.5em 0 1em 0;font-weight:bold;color:#c0392b">This dataset is SYNTHETIC: the kit drew '
+                  'every image; no person, slide or microscope is behind it.</div>')
+
+
+def _label_first(records):
+    if not isinstance(records, list):
+        return records
+    return [{**{k: r[k] for k in ("label",) if k in r}, **r} if isinstance(r, dict) else r for r in records]
+
+
 def dataset_cards_markdown(profile: str, meta: dict | None = None) -> str:
     """One card per dataset the run used: source, licence, counts, groups, what is synthetic."""
     meta = meta or run_metadata(profile)
     eda = meta["metrics"].get("01_eda", {})
+    desc = _dataset_description(meta)
     src, synthetic = _image_source(meta)
-    src_s = str(src)
+    src_s = str(desc.get("source") or src)
     key = "synthetic" if synthetic or src_s == "synthetic" else next((k for k in LICENCES if src_s.startswith(k)), None)
-    out = ["## Cell images\n", SYNTHETIC_BANNER + "\n" if synthetic else "", _dl([
-        ("source", src),
+    licence = desc.get("licence") or (LICENCES.get(key, NOT_RECORDED) if key else NOT_RECORDED)
+    if synthetic:
+        licence = LICENCES["synthetic"]
+    unit = desc.get("group_unit") or "cluster image"
+    n_groups = desc.get("n_groups") or _get(eda, "headline", "groups", default=None) or _get(eda, "headline", "cluster_images")
+    both = desc.get("shipped_split_groups_on_both_sides")
+    refs = desc.get("references") if isinstance(desc.get("references"), list) else []
+    out = ["## Cell images\n", SYNTHETIC_NOTE + "\n" if synthetic else "", _dl([
+        ("name", desc.get("name") or src), ("source", src_s), ("where to get it", desc.get("source_url") or NOT_RECORDED),
         ("synthetic", "YES: procedurally drawn cells in SIPaKMeD's folder and file layout; every image is made up"
          if synthetic else "no: real cell images"),
-        ("licence", LICENCES.get(key, NOT_RECORDED) if key else NOT_RECORDED),
-        ("images used", _get(eda, "headline", "images")),
-        ("groups", f"{_fmt(_get(eda, 'headline', 'cluster_images'))} cluster images; every split keeps a group on one side"),
+        ("licence", licence),
+        ("classes", desc.get("classes") or NOT_RECORDED),
+        ("abnormal (positive) classes", desc.get("abnormal_classes") or NOT_RECORDED),
+        ("images used", desc.get("n_images") or _get(eda, "headline", "images")),
+        ("groups", f"{_fmt(n_groups)} {unit}s; every split keeps a group on one side"),
+        ("the dataset's own train/test split", f"puts {both} {unit}s on both sides (the kit does not use it)"
+         if isinstance(both, int) else "none shipped, or not recorded"),
+        ("published results on it", "; ".join(str(r.get("what", "")) for r in refs if isinstance(r, dict)) or "none recorded"),
         ("profile", profile),
-    ]), "\n**Per class** (from notebook 01):\n\n", _records_table(eda.get("class_balance"))]
+    ]), "\n**Per class** (from notebook 01):\n\n", _records_table(_label_first(eda.get("class_balance")))]
     uci = eda.get("uci_summary") if isinstance(eda.get("uci_summary"), dict) else \
         _get(meta["metrics"].get("04_tabular_mlp", {}), "data", default={})
     uci = uci if isinstance(uci, dict) else {}
@@ -513,7 +551,9 @@ def run_summary_markdown(profile: str, meta: dict | None = None) -> str:
     else:
         out.append(f"*{NOT_RECORDED}: no `pipeline.json` for profile `{profile}`.*\n")
     src, synthetic = _image_source(meta)
-    params = _get(meta["metrics"].get("03_image_branch", {}), "params", default={})
+    params = _get(meta.get("run", {}), "params", default=None)
+    if not isinstance(params, dict):
+        params = _get(meta["metrics"].get("03_image_branch", {}), "params", default={})
     out += ["## Run\n", _dl([
         ("profile", _get(pipe, "profile", default=profile)),
         ("image data", f"{_fmt(src)}{' (SYNTHETIC stand-in)' if synthetic else ''}"),
