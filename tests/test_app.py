@@ -253,6 +253,36 @@ def test_the_server_survives_bad_requests(world, client):
     assert 0.0 <= details(r)["image_risk"] <= 1.0
 
 
+def test_model_card_link_serves_the_report_page(world, tmp_path):
+    import dataclasses
+
+    import httpx
+
+    from lib.serve import app
+
+    site = tmp_path / "_site"
+    (site / "site_libs").mkdir(parents=True)
+    (site / "model_card.html").write_text("<html><link href='site_libs/s.css'><h1>Model card</h1></html>")
+    (site / "site_libs" / "s.css").write_text("h1 {color: red}")
+    (tmp_path / "secret.txt").write_text("outside the site")
+    run = app.load_run("smoke")
+    run.files = dataclasses.replace(run.files, model_card_page=site / "model_card.html")
+    demo = app.build_app(run)
+    info = [b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "run-info"][0]
+    link = f"/gradio_api/file={site / 'model_card.html'}"
+    assert f"[the report's model card]({link})" in info
+    _, url, _ = demo.launch(server_name=app.HOST, server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            allowed_paths=app.allowed_paths(run, []))
+    try:
+        page = httpx.get(url.rstrip("/") + link)
+        assert page.status_code == 200 and "Model card" in page.text and page.headers["content-type"].startswith("text/html")
+        css = httpx.get(url.rstrip("/") + f"/gradio_api/file={site / 'site_libs' / 's.css'}")  # relative links resolve
+        assert css.status_code == 200 and "color: red" in css.text
+        assert httpx.get(url.rstrip("/") + f"/gradio_api/file={tmp_path / 'secret.txt'}").status_code == 403
+    finally:
+        demo.close()
+
+
 # --------------------------------------------------------------------------- runs the app cannot serve
 def test_run_with_another_datasets_classes(world, tmp_path, monkeypatch):
     from lib.serve import app
@@ -316,7 +346,8 @@ def test_browser_upload_fill_submit_and_a_bad_file(world, tmp_path):
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.on("request", lambda req: hosts.add(urlparse(req.url).hostname))
+            page.on("request", lambda req: hosts.add(urlparse(req.url).hostname)
+                    if urlparse(req.url).scheme in ("http", "https", "ws", "wss") else None)  # data:/blob: are local
             page.goto(world["url"], wait_until="networkidle")
             expect(page.get_by_text("Not for clinical use.").first).to_be_visible()
             expect(page.get_by_text("SYNTHETIC DATA.").first).to_be_visible()
@@ -330,7 +361,8 @@ def test_browser_upload_fill_submit_and_a_bad_file(world, tmp_path):
             expect(page.locator("#fused-risk")).to_contain_text("share no patients")
             expect(page.locator("#image-risk")).to_contain_text("Image-only risk:")
             expect(page.locator("#gradcam img")).to_be_visible(timeout=20_000)
-            assert page.locator("#gradcam img").evaluate("i => i.naturalWidth") >= 256
+            page.wait_for_function("() => (document.querySelector('#gradcam img') || {}).naturalWidth >= 256",
+                                   timeout=20_000)  # the overlay PNG itself, upscaled
             page.screenshot(path=str(SHOTS / "app_fused.png"), full_page=True)
 
             page.locator("#image-input button[aria-label='Clear']").first.click()

@@ -440,10 +440,10 @@ def build_app(run: LoadedRun, gallery: list | None = None, gallery_note: str = "
 
 
 def allowed_paths(run: LoadedRun, gallery: list) -> list[str]:
-    """Files the page may serve: the gallery's images and the report's model card."""
+    """Files the page may serve: the gallery's images and the report's site (the model card and what it embeds)."""
     paths = {str(Path(p).parent) for p, _ in gallery}
     if run.files.model_card_page.is_file():
-        paths.add(str(run.files.model_card_page))
+        paths.add(str(run.files.model_card_page.parent))
     return sorted(paths)
 
 
