@@ -377,8 +377,8 @@ def build_app(run: LoadedRun, gallery: list | None = None, gallery_note: str = "
             with gr.Column(scale=1):
                 status = gr.Markdown("", elem_id="status")
                 image_md = gr.Markdown("", elem_id="image-risk")
-                probs = gr.Label(label="Class probabilities (image branch)", num_top_classes=len(run.classes) or None, show_heading=False,
-                                 elem_id="probabilities")
+                probs = gr.Label(label="Class probabilities (image branch)", num_top_classes=len(run.classes) or None,
+                                 show_heading=False, elem_id="probabilities")
                 fused_md = gr.Markdown("", elem_id="fused-risk")
                 cam = gr.Image(label="Grad-CAM overlay (top_activation)", type="filepath", interactive=False,
                                elem_id="gradcam", height=300)
