@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from lib import config
 from lib.report import browser_check
 
 pytestmark = pytest.mark.skipif(
@@ -85,6 +86,7 @@ def test_network_load_fails(tmp_path, driver):
     ("E0000 00:00:1764579600.123456    4242 node_def_util.cc:680] Error in the kernel", "C\\+\\+ log line"),
     ("/work/x/.venv/lib/python3.11/site-packages/keras/src/a.py:1: UserWarning: hi", "site-packages"),
     ("[IPKernelApp] WARNING | Kernel is running over TCP without encryption", "kernel chatter"),
+    (f"UserWarning: using the stand-in at {config.ROOT}/.cache/synthetic", "the checkout"),
 ])
 def test_log_noise_in_outputs_fails(tmp_path, driver, line, label):
     site = tmp_path / "site"

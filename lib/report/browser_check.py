@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlparse
 
@@ -62,6 +63,19 @@ LOG_NOISE = {
     "machine path (kernel temporary folder)": r"/tmp/ipykernel_\d+|/var/folders/|\\AppData\\Local\\Temp",
 }
 _NOISE = [(label, re.compile(rx, re.M)) for label, rx in LOG_NOISE.items()]
+
+
+def _machine_paths() -> list[tuple[str, re.Pattern]]:
+    """This machine's own folders (the checkout, the home folder): a page that prints them leaks where
+    it was built and means nothing to a reader elsewhere."""
+    from lib import config
+
+    out = []
+    for label, p in (("the checkout", config.ROOT), ("the home folder", Path.home())):
+        p = str(p).rstrip("/")
+        if len(p) > 1:
+            out.append((f"machine path ({label})", re.compile(re.escape(p + "/"))))
+    return out
 
 # the page's text outside code, after MathJax (if any) has typeset it
 JS_WAIT_MATH = """
@@ -128,7 +142,7 @@ def page_problems(driver, rel: str) -> list[str]:
         problems.append(f"{rel}: loads from the network: {url[:120]}")
     outputs = driver.execute_script(JS_OUTPUTS) or ""
     text = outputs + "\n" + prose
-    for label, rx in _NOISE:
+    for label, rx in _NOISE + _machine_paths():
         m = rx.search(text)
         if m:
             line = text[text.rfind("\n", 0, m.start()) + 1:].split("\n", 1)[0][:120]
@@ -164,15 +178,21 @@ def check_site(site: Path, screenshots: Path | None = None, driver=None) -> dict
                 problems.append(f"broken link: {page.relative_to(site)} does not exist")
                 continue
             driver.get(page.as_uri())
-            facts = driver.execute_script(JS_PAGE_FACTS)
             rel = str(page.relative_to(site))
+            found = page_problems(driver, rel)  # waits for MathJax first: the page as a reader sees it
+            facts = driver.execute_script(JS_PAGE_FACTS)
+            for _ in range(10):  # under load Chromium can answer before the first layout; look again
+                if facts["text"] >= 50:
+                    break
+                time.sleep(0.3)
+                facts = driver.execute_script(JS_PAGE_FACTS)
             bad_imgs = [i["src"] for i in facts["imgs"] if not i["ok"]]
             pages[rel] = {"title": facts["title"], "images": len(facts["imgs"]), "broken_images": len(bad_imgs)}
             for src in bad_imgs:
                 problems.append(f"{rel}: image did not render: {src}")
             if facts["text"] < 50:
                 problems.append(f"{rel}: page is (nearly) empty")
-            problems += page_problems(driver, rel)
+            problems += found
             if screenshots is not None:
                 screenshots.mkdir(parents=True, exist_ok=True)
                 facts = driver.execute_script(JS_PAGE_FACTS)  # after MathJax: the final height
