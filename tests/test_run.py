@@ -1,0 +1,100 @@
+"""lib.run: the run object writes the grouped split once, reads it back, refuses contradicting
+parameters, and writes strict, timing-free metrics."""
+import json
+import math
+
+import pytest
+
+from conftest import write_image
+from lib import config
+from lib.run import ARTIFACTS, Run, check_inputs
+
+
+def _copies_dataset(root):
+    """Two classes, six source images each, three augmented copies per source (LBC-style names)."""
+    for cls in ("HSIL", "NL"):
+        for src in range(6):
+            for k in range(3):
+                write_image(root / cls / f"{cls}_1 ({src})_0_{k}.jpg", value=src * 3 + k)
+    return root
+
+
+def _open(root, build, **kw):
+    kw.setdefault("group_pattern", r"^(?P<group>.+?)_\d+_\d+$")
+    return Run.open("smoke", data_source=str(root), abnormal_classes=["HSIL"], build=build,
+                    images_per_class=None, **kw)
+
+
+def test_open_writes_split_once_and_later_opens_read_it(tmp_path):
+    root = _copies_dataset(tmp_path / "ds")
+    run = _open(root, tmp_path / "b")
+    assert (run.root / ARTIFACTS["split"]).exists() and (run.root / ARTIFACTS["run"]).exists()
+    assert run.dataset.group_unit == "source image" and not run.dataset.groups_are_clusters
+    assert run.dataset.n_groups == 12 and run.dataset.n_images == 36
+    # copies of one source image never sit on two sides
+    assert (run.table.groupby("group")["split"].nunique() == 1).all()
+    saved = (run.root / ARTIFACTS["split"]).read_text()
+    again = _open(root, tmp_path / "b")
+    assert (run.root / ARTIFACTS["split"]).read_text() == saved
+    assert again.table[["path", "split"]].equals(run.table[["path", "split"]])
+    # the split file names images relative to the dataset root: no machine path in it
+    assert str(tmp_path) not in saved
+
+
+def test_contradicting_parameter_is_refused_and_nothing_overwritten(tmp_path):
+    root = _copies_dataset(tmp_path / "ds")
+    run = _open(root, tmp_path / "b")
+    before = (run.root / ARTIFACTS["split"]).read_bytes()
+    with pytest.raises(ValueError, match=r"parameter 'seed' = 7 contradicts the run saved in"):
+        _open(root, tmp_path / "b", seed=7)
+    with pytest.raises(ValueError, match=r"parameter 'group_pattern'"):
+        _open(root, tmp_path / "b", group_pattern=r"^(HSIL)")
+    assert (run.root / ARTIFACTS["split"]).read_bytes() == before
+
+
+def test_changed_images_are_detected(tmp_path):
+    root = _copies_dataset(tmp_path / "ds")
+    _open(root, tmp_path / "b")
+    write_image(root / "NL" / "NL_1 (99)_0_0.jpg")
+    with pytest.raises(ValueError, match=r"not the ones .*split.csv was written for"):
+        _open(root, tmp_path / "b")
+
+
+def test_inputs_checked_before_image_work(tmp_path):
+    root = _copies_dataset(tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"'abnormal_classes': \['SCC'\] are not class folders"):
+        check_inputs(data_source=str(root), abnormal_classes=["SCC"])
+    with pytest.raises(FileNotFoundError, match="parameter 'data_source'"):
+        check_inputs(data_source=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="parameter 'dataset'"):
+        check_inputs(dataset="imagenet")
+    with pytest.raises(ValueError, match=r"\['LSIL', 'SCC'\] are not class folders"):  # the preset's classes
+        check_inputs(data_source=str(root), dataset="lbc")
+    resolved = check_inputs(data_source=str(root), dataset="lbc", abnormal_classes=["HSIL"])
+    assert resolved["abnormal_classes"] == ["HSIL"] and resolved["group_pattern"].startswith("^(?P<group>")
+
+
+def test_save_metrics_is_strict_json_without_timings(tmp_path):
+    run = _open(_copies_dataset(tmp_path / "ds"), tmp_path / "b")
+    out = run.save_metrics("99_test", headline={"auc": float("nan"), "gap": 0.25},
+                           history={"fit_seconds": 12.5, "train_images_per_s": 40.0, "accuracy": [0.5, math.inf]})
+    text = out.read_text()
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert record["headline"] == {"auc": None, "gap": 0.25}
+    assert record["history"] == {"accuracy": [0.5, None]}
+    assert record["dataset"] == run.dataset.name and record["synthetic"] is False
+    timings = json.loads((run.root / "timings" / "99_test.json").read_text())
+    assert timings == {"history.fit_seconds": 12.5, "history.train_images_per_s": 40.0}
+    # a rerun with other wall-clock numbers writes byte-identical metrics
+    run.save_metrics("99_test", headline={"auc": float("nan"), "gap": 0.25},
+                     history={"fit_seconds": 99.0, "train_images_per_s": 1.0, "accuracy": [0.5, math.inf]})
+    assert out.read_text() == text
+
+
+def test_paths_are_named_in_one_place(tmp_path):
+    run = _open(_copies_dataset(tmp_path / "ds"), tmp_path / "b")
+    assert run.path("image_branch") == run.root / "models" / "image_branch.keras"
+    assert run.path("figures").is_dir()
+    with pytest.raises(KeyError, match="unknown artifact"):
+        run.path("03_image_branch.json")
+    assert run.root == config.run_dir("smoke", tmp_path / "b")
