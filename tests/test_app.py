@@ -275,7 +275,8 @@ def test_model_card_link_serves_the_report_page(world, tmp_path):
                             allowed_paths=app.allowed_paths(run, []))
     try:
         page = httpx.get(url.rstrip("/") + link)
-        assert page.status_code == 200 and "Model card" in page.text and page.headers["content-type"].startswith("text/html")
+        assert page.status_code == 200 and "Model card" in page.text
+        assert page.headers["content-type"].startswith("text/html")
         css = httpx.get(url.rstrip("/") + f"/gradio_api/file={site / 'site_libs' / 's.css'}")  # relative links resolve
         assert css.status_code == 200 and "color: red" in css.text
         assert httpx.get(url.rstrip("/") + f"/gradio_api/file={tmp_path / 'secret.txt'}").status_code == 403

@@ -324,7 +324,8 @@ def test_images(run: LoadedRun) -> tuple[list, str]:
     except Exception as e:  # the gallery is a convenience: the app works without it
         return [], f"no gallery: the run's test images cannot be listed ({' '.join(str(e).split())[:200]})"
     picked = test.groupby("label", sort=False).head(GALLERY_PER_CLASS)
-    return [(p, c) for p, c in zip(picked["path"], picked["label"])], f"{len(picked)} of the run's {len(test)} test images"
+    shown = [(p, c) for p, c in zip(picked["path"], picked["label"])]
+    return shown, f"{len(picked)} of the run's {len(test)} test images"
 
 
 def notes_markdown(notes: list) -> str:
