@@ -624,9 +624,13 @@ def stage(profile: str, stage_dir: Path | None = None) -> list[Path]:
         if synthetic_by_nb.get(nb_path.stem):
             cells.insert(1 if cells and cells[0]["cell_type"] == "markdown" else 0,
                          {"cell_type": "markdown", "id": "synthetic-banner", "metadata": {}, "source": SYNTHETIC_BANNER})
+        used = {c.get("id") for c in cells}
         for i, c in enumerate(cells):
-            # every cell gets an id, so the checklist can link to the cell that holds its evidence
-            c.setdefault("id", f"cell-{i}")
+            # every cell gets a unique id, so the checklist can link to the cell that holds its evidence
+            if not c.get("id"):
+                c["id"] = next(f"cell-{i}{s}" for s in ("", *(f"-{k}" for k in range(1, len(cells) + 2)))
+                               if f"cell-{i}{s}" not in used)
+                used.add(c["id"])
             if c.get("outputs"):
                 c["outputs"] = collapse_progress(c["outputs"])
             tags = c.get("metadata", {}).get("tags", [])
