@@ -265,7 +265,8 @@ def test_shipped_split_folders_recognised(tmp_path):
     assert ds.layout == "split-folders" and ds.classes == ["NL", "SCC"]
     assert sorted(ds.table["shipped_split"]) == ["test", "test", "train", "train"]
     sides = ds.table.groupby("group")["shipped_split"].nunique()
-    assert sides.loc["SCC/SCC_1 (1)"] == 2
+    assert sides.loc["SCC/SCC_1 (1)"] == 2 and ds.shipped_both_sides == 1
+    assert D.subsample(ds, 1, seed=0).shipped_both_sides == 1  # counted before subsampling
     (root / "extra").mkdir()
     write_image(root / "extra" / "x.jpg")
     with pytest.raises(ValueError, match="mixes split folders"):

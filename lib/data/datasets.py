@@ -109,10 +109,7 @@ def describe(ds, preset_name: str | None = None, group_pattern: str | None = Non
         unit = pre.get("group_unit", "source image")
     else:
         unit = "file"
-    both = None
-    if "shipped_split" in t.columns:
-        sides = t.groupby("group")["shipped_split"].nunique()
-        both = int((sides > 1).sum())
+    both = getattr(ds, "shipped_both_sides", None)  # counted on the whole dataset, before any subsample
     synthetic = bool(ds.synthetic)
     if synthetic:
         name = "SYNTHETIC stand-in in SIPaKMeD's layout (procedurally drawn cells)"

@@ -56,6 +56,7 @@ class ImageDataset:
     layout: str | None = None
     marker: str | None = None
     group_rules: dict = field(default_factory=dict)  # images grouped by each rule: pattern / cluster / file
+    shipped_both_sides: int | None = None  # groups the dataset's own train/test folders put on both sides
 
     @property
     def synthetic(self) -> bool:
@@ -356,6 +357,7 @@ def load_image_folder(root, abnormal_classes=(), on_bad: str = "raise", group_pa
     ds = _build(rows, classes, abnormal, "folder", root, skipped, "split-folders" if shipped else "folder")
     if shipped:
         ds.table["shipped_split"] = ds.table["path"].map(shipped_of)
+        ds.shipped_both_sides = int((ds.table.groupby("group")["shipped_split"].nunique() > 1).sum())
     ds.group_rules = {k: v for k, v in rules.items() if v}
     return ds
 
@@ -407,7 +409,8 @@ def subsample(dataset: ImageDataset, images_per_class: int | None, seed: int = 4
                          f"{empty} is larger than {images_per_class} images; ask for more images or whole_groups=False")
     return ImageDataset(table=table, classes=list(dataset.classes), abnormal_classes=list(dataset.abnormal_classes),
                         source=dataset.source, root=dataset.root, skipped=list(dataset.skipped),
-                        layout=dataset.layout, marker=dataset.marker, group_rules=dict(dataset.group_rules))
+                        layout=dataset.layout, marker=dataset.marker, group_rules=dict(dataset.group_rules),
+                        shipped_both_sides=dataset.shipped_both_sides)
 
 
 # --------------------------------------------------------------------------- the entry point
