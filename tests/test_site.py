@@ -207,7 +207,7 @@ def test_model_card_follows_mitchell_in_order(built):
     assert heads == [f"{i}. {t}" for i, t in enumerate(site.MODEL_CARD_SECTIONS, 1)]
     assert heads[:3] == ["1. Model details", "2. Intended use", "3. Factors"] and heads[-1] == "8. Caveats and recommendations"
     text = page.read_text()
-    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", text)  # metrics with their intervals
+    assert re.search(r"\d\.\d{3}<br><small>\[\d\.\d{3},(&nbsp;|\xa0)\d\.\d{3}\]</small>", text)  # metrics with intervals
     assert "```json" not in text and "Teaching only" in text and "different women" in text
     json_links = [h for h in _parse(page).hrefs if h.endswith(".json")]
     assert json_links and json.loads((out / json_links[0]).read_text())["name"] == hybrid.MODEL_NAME

@@ -179,11 +179,15 @@ def _ci_table(table) -> str:
         return f"*{NOT_RECORDED}*\n"
     rows = list(table.items())
     keys = list(dict.fromkeys(k for _, r in rows if isinstance(r, dict) for k in r))
+    preferred = ["auc", "ap", "sens_at_spec", "f1", "accuracy"]
     metric_keys = [k for k in keys if f"{k}_low" in keys and f"{k}_high" in keys]
+    metric_keys.sort(key=lambda k: preferred.index(k) if k in preferred else len(preferred))
     other = [k for k in keys if k not in metric_keys and not any(k in (f"{m}_low", f"{m}_high") for m in metric_keys)]
+    other.sort(key=lambda k: ["n_test", "n_pos", "kind", "pairing"].index(k) if k in ("n_test", "n_pos", "kind", "pairing") else 9)
     labels = {"auc": "AUC", "ap": "average precision", "sens_at_spec": "sensitivity at 90% specificity",
-              "f1": "F1", "accuracy": "accuracy", "n_test": "n test", "n_pos": "positives"}
-    cols = other[:2] + metric_keys + other[2:]
+              "f1": "F1", "accuracy": "accuracy", "n_test": "n test", "n_pos": "positives",
+              "auc_all_draws": "AUC, all test pairings", "ap_all_draws": "AP, all test pairings"}
+    cols = metric_keys + other
     out = ["| model | " + " | ".join(labels.get(c, c.replace("_", " ")) for c in cols) + " |",
            "|---|" + "---|" * len(cols)]
     for name, r in rows:
@@ -192,12 +196,18 @@ def _ci_table(table) -> str:
         for c in cols:
             if c in metric_keys and isinstance(r.get(c), (int, float)):
                 lo, hi = r.get(f"{c}_low"), r.get(f"{c}_high")
-                ci = f" [{lo:.3f}, {hi:.3f}]" if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else ""
+                ci = (f"<br><small>[{lo:.3f},&nbsp;{hi:.3f}]</small>"
+                      if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else "")
                 cells.append(f"{r[c]:.3f}{ci}")
             else:
                 cells.append(_cell(r.get(c, "")))
         out.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n\nIn brackets: 95% bootstrap confidence interval on the test split.\n"
+
+
+def _text_block(text) -> str:
+    """Free text from a card (may hold Markdown lists), HTML-escaped."""
+    return html.escape(str(text)).replace("&gt; ", "> ") + "\n"
 
 
 def _dl(items, header=("entry", "value")) -> str:
@@ -206,12 +216,21 @@ def _dl(items, header=("entry", "value")) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _pairing_summary(p):
+    """The pairing protocol in one line (its per-split counts stay in the JSON)."""
+    if not isinstance(p, dict):
+        return p
+    keep = {k: p[k] for k in ("protocol", "kind", "control", "split", "seed", "train_draws", "test_repairings") if k in p and not isinstance(p[k], dict)}
+    return _fmt(keep or p) + ("; per-split counts in the JSON" if len(keep) < len(p) else "")
+
+
 def _model_card_one(card_path: Path, card: dict, meta: dict, download: str) -> str:
     fusion = meta["metrics"].get("05_late_fusion", {})
     arch = _get(card, "architecture", default={})
     data = _get(card, "data_sources", default={})
     images, tabular = _get(data, "images", default={}), _get(data, "tabular", default={})
     synthetic = card.get("synthetic")
+    dataset = card.get("dataset") if isinstance(card.get("dataset"), dict) else {}
     s = {}
     s["Model details"] = _dl([
         ("name", card.get("name", card_path.stem)), ("summary", _get(card, "summary")),
@@ -228,22 +247,29 @@ def _model_card_one(card_path: Path, card: dict, meta: dict, download: str) -> s
                          "**Out of scope:** any screening, diagnosis or clinical decision; any use on real patients.\n")
     s["Factors"] = _dl([
         ("image classes", _get(card, "image_classes")), ("abnormal (positive) classes", _get(card, "abnormal_classes")),
-        ("groups", "cluster images: cells of one cluster image never cross splits"),
-        ("pairing of the two datasets", _get(card, "pairing_protocol")),
+        ("groups", (f"{_fmt(_get(dataset, 'n_groups'))} {dataset['group_unit']}s: the images of one "
+                    f"{dataset['group_unit']} never cross splits") if dataset.get("group_unit")
+         else "cluster images: cells of one cluster image never cross splits"),
+        ("pairing of the two datasets", _pairing_summary(_get(card, "pairing_protocol"))),
         ("risk-factor columns", len(card["tabular_columns"]) if isinstance(card.get("tabular_columns"), list) else NOT_RECORDED),
         ("demographic factors", "not evaluated: the UCI table records age only, and the images carry no patient data"),
     ])
     s["Metrics"] = (_ci_table(_get(card, "metrics", "test_split_ablation", default=None))
+                    + ("\n" + _text_block(card["intervals"]) if card.get("intervals") else "")
                     + "\nMean attention weights (attention-fused head): "
                     + _fmt(_get(card, "metrics", "mean_attention_weights")) + "\n")
     s["Evaluation data"] = _dl([
-        ("images", f"{_fmt(_get(images, 'source'))} (held-out cluster images, notebook 03's grouped split)"),
+        ("images", f"{_fmt(_get(images, 'source'))} (held-out groups of notebook 03's grouped split)"),
         ("risk factors", "UCI records of the test split (15%, stratified by Biopsy)"),
         ("test pairs", _get(fusion, "headline", "n_test_images")),
         ("synthetic", _get(images, "synthetic")),
+        ("note", _get(images, "note") if synthetic else "real images"),
     ])
     s["Training data"] = _dl([
-        ("images", _get(images, "source")), ("image note", _get(images, "note")),
+        ("images", _get(images, "source")), ("image licence", _get(dataset, "licence")),
+        ("image classes and groups", f"{_fmt(_get(dataset, 'n_images'))} images in {_fmt(_get(dataset, 'n_groups'))} "
+                                     f"groups" if dataset else NOT_RECORDED),
+        ("image recipe", _get(card, "image_branch", "recipe")),
         ("risk factors", _get(tabular, "name")), ("risk-factor file", _get(tabular, "file")),
         ("sha256", _get(tabular, "sha256")), ("byte-identical to the UCI original", _get(tabular, "matches_uci_original")),
         ("rows after cleaning", _get(tabular, "rows_after_cleaning")), ("positives", _get(tabular, "positives")),
