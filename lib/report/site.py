@@ -413,6 +413,20 @@ def _h(meta, stem, key):
     return _fmt(_get(meta["metrics"].get(stem, {}), "headline", key))
 
 
+def _ds(meta, key, default):
+    v = _dataset_description(meta).get(key)
+    return v if v else default
+
+
+def _lesson(meta) -> str:
+    les = _get(meta["metrics"].get("05_late_fusion", {}), "lesson", default={})
+    t, ts = (les.get("tabular_only"), les.get("tabular_only_shuffled")) if isinstance(les, dict) else (None, None)
+    if isinstance(t, (int, float)) and isinstance(ts, (int, float)):
+        return (f"The risk factors alone 'predict' the image label with AUC {t:.3f} under label-conditioned pairing "
+                f"and {ts:.3f} under shuffled pairing: the pairing, not the patient, carries that information.")
+    return "The fusion gain is manufactured by label-conditioned pairing (see the shuffled control)."
+
+
 NO_PATIENTS = "Cannot answer: the kit recruited no participants; it reuses public datasets."
 UNPAIRED = "Cannot answer: images and risk factors come from different people (unpaired datasets)."
 
@@ -436,8 +450,8 @@ TRIPOD_AI = [
     ("7", "Data preparation and quality checks", "answered",
      lambda m: f"Exact duplicate rows removed ({_fmt(_get(m['metrics'].get('01_eda', {}), 'uci_summary', 'duplicates_removed'))}), "
                "near-empty and constant columns dropped, images checked against the manifest.", ("01_eda", r"^## 3\.")),
-    ("8a", "Outcome definition", "answered", lambda m: "Images: abnormal class (Koilocytotic, Dyskeratotic); "
-     "table: Biopsy result.", ("01_eda", r"^## 1\.")),
+    ("8a", "Outcome definition", "answered", lambda m: "Images: abnormal class ("
+     + _fmt(_ds(m, "abnormal_classes", ["Koilocytotic", "Dyskeratotic"])) + "); table: Biopsy result.", ("01_eda", r"^## 1\.")),
     ("8b", "Qualifications of outcome assessors", "cannot", lambda m: "Not recorded by the public datasets.", None),
     ("8c", "Blinding of outcome assessment", "cannot", lambda m: "Not recorded by the public datasets.", None),
     ("9a", "Choice of initial predictors", "answered", lambda m: "All UCI risk factors except the three screening "
@@ -449,15 +463,16 @@ TRIPOD_AI = [
                f"{_h(m, '04_tabular_mlp', 'biopsy_prevalence')}; no formal sample-size calculation.", ("04_tabular_mlp", r"^## 1\.")),
     ("11", "Missing data", "answered", lambda m: "Median imputation with missingness indicators, fitted inside each "
      "training fold.", ("04_tabular_mlp", r"^## 4\.")),
-    ("12a", "How the data were used (partitioning)", "answered", lambda m: "Images: train/val/test grouped by cluster "
-     "image; table: repeated stratified 5-fold CV and a 70/15/15 split for fusion.", ("01_eda", r"^## 2\.")),
+    ("12a", "How the data were used (partitioning)", "answered", lambda m: "Images: train/val/test grouped by "
+     + _ds(m, "group_unit", "cluster image") + "; table: repeated stratified 5-fold CV and a 70/15/15 split for fusion.",
+     ("01_eda", r"^## 2\.")),
     ("12b", "Handling of predictors", "answered", lambda m: "Imputation + StandardScaler in an sklearn Pipeline.",
      ("04_tabular_mlp", r"^## 4\.")),
     ("12c", "Model type, building steps, tuning, internal validation", "answered",
      lambda m: f"EfficientNet ({_fmt(_get(m['metrics'].get('03_image_branch', {}), 'params', 'backbone'))}) image branch, "
                "MLP tabular branch, late fusion; early stopping on validation.", ("03_image_branch", r"^## 2\.")),
-    ("12d", "Heterogeneity across clusters", "cannot", lambda m: "Single-centre datasets; cluster images are "
-     "grouped in splits but performance is not reported per centre.", None),
+    ("12d", "Heterogeneity across clusters", "cannot", lambda m: "Single-centre datasets; "
+     + _ds(m, "group_unit", "cluster image") + "s are grouped in splits but performance is not reported per centre.", None),
     ("12e", "Performance measures and plots", "answered", lambda m: "AUC, average precision with bootstrap CIs, "
      "sensitivity at 90% specificity, calibration.", ("04_tabular_mlp", r"^## 7\.")),
     ("12f", "Model updating", "n/a", lambda m: "No updating or recalibration was done.", None),
@@ -470,7 +485,8 @@ TRIPOD_AI = [
      lambda m: "Sigmoid risk; threshold " + _fmt(_get(m["cards"][0][1] if m["cards"] else {}, "threshold")) + ".",
      "model_card"),
     ("16", "Differences between development and evaluation data", "answered",
-     lambda m: "Same sources; held-out cluster images and UCI records.", ("05_late_fusion", r"^## 1\.")),
+     lambda m: "Same sources; held-out " + _ds(m, "group_unit", "cluster image") + "s and UCI records.",
+     ("05_late_fusion", r"^## 1\.")),
     ("17", "Ethical approval", "cannot", lambda m: NO_PATIENTS + " Public de-identified data only.", None),
     ("18a", "Funding", "n/a", lambda m: "None.", None),
     ("18b", "Conflicts of interest", "n/a", lambda m: "None.", None),
@@ -494,7 +510,7 @@ TRIPOD_AI = [
                f"tabular MLP {_h(m, '04_tabular_mlp', 'auc_mlp')}.", ("05_late_fusion", r"^## 6\.")),
     ("23b", "Heterogeneity of performance across clusters", "cannot", lambda m: "Single source per modality.", None),
     ("24", "Model updating results", "n/a", lambda m: "No updating.", None),
-    ("25", "Interpretation", "answered", lambda m: "The fusion gain is manufactured by label-conditioned pairing.",
+    ("25", "Interpretation", "answered", _lesson,
      ("05_late_fusion", r"^## What to take away")),
     ("26", "Limitations", "answered", lambda m: "Listed on the model card (caveats).", "model_card"),
     ("27a", "Handling poor-quality or missing input", "answered", lambda m: "`lib.serve.inference` rejects malformed "
