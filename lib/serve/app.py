@@ -294,6 +294,25 @@ def _public(res: dict) -> dict:
     return {k: v for k, v in res.items() if k not in ("x", "heat")}
 
 
+def _split_test_images(profile: str):
+    """The test rows of the split the run saved (``split.csv`` + the dataset root in ``run.json``), or
+    None for a run made before the run object existed."""
+    import pandas as pd
+
+    from lib.atomic import read_json
+    from lib.run import ARTIFACTS
+
+    root = config.build_dir() / profile
+    run_json, split = root / ARTIFACTS["run"], root / ARTIFACTS["split"]
+    if not (run_json.is_file() and split.is_file()):
+        return None
+    data_root = Path(read_json(run_json)["dataset_root"])
+    t = pd.read_csv(split, dtype={"path": str, "label": str}, keep_default_na=False)
+    t = t[t["split"] == "test"].copy()
+    t["path"] = [str(data_root / p) for p in t["path"]]
+    return t
+
+
 def test_images(run: LoadedRun) -> tuple[list, str]:
     """``([(path, caption)], note)``: a few of the run's held-out test images per class for the gallery.
 
@@ -306,6 +325,12 @@ def test_images(run: LoadedRun) -> tuple[list, str]:
     from lib.data import image_data
     from lib.explain import gradcam
 
+    listed = _split_test_images(run.files.profile)
+    if listed is not None:  # the run object's saved split: no recomputation
+        test = listed[listed["path"].map(lambda p: Path(p).is_file())]
+        picked = test.groupby("label", sort=False).head(GALLERY_PER_CLASS)
+        return [(p, c) for p, c in zip(picked["path"], picked["label"])], \
+            f"{len(picked)} of the run's {len(test)} test images"
     rec_path = run.files.image_record
     if not rec_path.is_file():
         return [], f"no gallery: {rec_path.name} (notebook 03's record of its test split) is missing"
