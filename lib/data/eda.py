@@ -101,12 +101,18 @@ def group_size_figure(table: pd.DataFrame, group_word: str = "cluster image"):
     for i, (ax, cls) in enumerate(zip(axes[:, 0], classes)):
         d = sizes.loc[sizes["label"] == cls, "cells"]
         ax.hist(d, bins=bins, color=colors[i % len(colors)], edgecolor="white")
-        ax.set_title(f"{cls}: {len(d)} {group_word}s, median {d.median():g} images each", loc="left",
-                     fontsize=8, pad=2)
+        med = d.median()
+        ax.set_title(f"{cls}: {len(d)} {group_word}s, median {med:g} image{'' if med == 1 else 's'} each",
+                     loc="left", fontsize=8, pad=2)
         ax.tick_params(labelsize=8)
     axes[-1, 0].set_xlabel(f"images from one {group_word}")
     axes[len(classes) // 2, 0].set_ylabel(f"{group_word}s")
-    axes[-1, 0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    top = int(sizes["cells"].max())
+    axes[-1, 0].set_xlim(0.5, max(top, 5) + 0.5)  # one image per group stays a narrow bar at 1
+    if top <= 20:  # whole numbers of images: one tick per count
+        axes[-1, 0].set_xticks(range(1, max(top, 5) + 1))
+    else:
+        axes[-1, 0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.suptitle(f"Images per {group_word}, by class", fontsize=11)
     fig.tight_layout()
     return fig
@@ -122,7 +128,7 @@ def missingness_figure(raw: pd.DataFrame):
     order = miss.mean().sort_values(ascending=False).index
     miss, frac = miss[order], miss[order].mean()
     n = len(order)
-    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(13, max(4.0, 0.22 * n + 1.4)),
+    fig, axes = plt.subplots(1, 2, sharey=True, figsize=(11, max(4.0, 0.22 * n + 1.4)),
                              gridspec_kw={"width_ratios": [3, 1.2]})
     axes[0].imshow(miss.to_numpy().T, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
     axes[0].set_yticks(range(n))
