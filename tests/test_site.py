@@ -327,3 +327,25 @@ def test_stage_marks_synthetic_notebooks_and_curates_the_headline(tmp_path, monk
     head = (tmp_path / "stage" / "_headline.md").read_text()
     assert "| 04_tabular_mlp | real | AUC, tabular MLP (repeated CV) | 0.661 |" in head and "noise" not in head
     assert "| 06_gradcam |" not in head  # no curated key recorded: no row
+
+
+def test_folded_answers_render_in_the_fallback(tmp_path, monkeypatch):
+    """Worked answers written as a Quarto callout with collapse="true" (or raw <details>) stay folded on the page."""
+    md = ("## Exercises\n\n1. Halve `epochs`: what happens to the gap?\n\n"
+          '::: {.callout-tip collapse="true"}\n## Answer\n\nThe gap **shrinks**: fewer epochs, less memorising.\n:::\n\n'
+          "<details><summary>Answer 2</summary>\n\nRead the *shuffled* row.\n\n</details>\n")
+    monkeypatch.setenv(config.ENV_BUILD, str(tmp_path / "build"))
+    _make_run(tmp_path / "build")
+    executed = config.run_dir("smoke") / "notebooks" / "06_gradcam.ipynb"
+    nb = json.loads(executed.read_text())
+    nb["cells"].append({"cell_type": "markdown", "metadata": {}, "source": md})
+    executed.write_text(json.dumps(nb))
+    staged = site.stage("smoke", tmp_path / "stage")
+    assert json.loads(staged[-1].read_text())["cells"][-1]["source"] == md  # staged for Quarto as written
+    out = tmp_path / "site"
+    out.mkdir()
+    site.render_nbconvert(staged, out, tmp_path / "stage")
+    page = (out / "06_gradcam.html").read_text()
+    assert '<details class="callout callout-tip"><summary>Answer</summary>' in page
+    assert "<strong>shrinks</strong>" in page and "<em>shuffled</em>" in page and "<summary>Answer 2</summary>" in page
+    assert "::: {.callout" not in page

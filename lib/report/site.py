@@ -780,9 +780,52 @@ def _qmd_to_html_body(path: Path, stage_dir: Path | None = None) -> tuple[str, s
     text = _INCLUDE.sub(include, text)
     # Quarto turns links to .qmd/.ipynb pages into .html links; the fallback (one flat folder) does the same
     text = re.sub(r"\]\(([^)\s]+?)\.(?:qmd|ipynb)(#[^)]*)?\)", lambda mm: f"]({Path(mm.group(1)).name}.html{mm.group(2) or ''})", text)
-    text = re.sub(r"^:::\s*\{\.callout-(\w+)\}\s*$", r'<div class="callout callout-\1">', text, flags=re.M)
-    text = re.sub(r"^:::\s*$", "</div>", text, flags=re.M)
-    return title, markdown2html(text)
+    return title, markdown2html(callouts_to_html(text))
+
+
+_CALLOUT_OPEN = re.compile(r"^:::+\s*\{\.callout-(\w+)([^}]*)\}\s*$")
+_CALLOUT_CLOSE = re.compile(r"^:::+\s*$")
+
+
+def callouts_to_html(text: str) -> str:
+    """Quarto callouts (``::: {.callout-tip collapse="true" title="Answer"}`` ... ``:::``) as HTML for the fallback:
+    a box, or a folded ``<details>`` when ``collapse="true"`` (how worked answers stay hidden until asked for).
+    A ``## heading`` right after the opening line becomes the title, as in Quarto."""
+    out, stack, lines, i = [], [], text.split("\n"), 0
+    while i < len(lines):
+        line = lines[i]
+        m = _CALLOUT_OPEN.match(line)
+        if m:
+            kind, attrs = m.group(1), m.group(2)
+            title = re.search(r'title\s*=\s*"([^"]*)"', attrs)
+            title = title.group(1) if title else None
+            if title is None and i + 1 < len(lines) and re.match(r"^#{1,6}\s+\S", lines[i + 1]):
+                title = re.sub(r"^#{1,6}\s+", "", lines[i + 1]).strip()
+                i += 1
+            folded = re.search(r'collapse\s*=\s*"?true"?', attrs) is not None
+            tag = "details" if folded else "div"
+            head = (f"<summary>{html.escape(title or kind.capitalize())}</summary>" if folded
+                    else (f"<p><strong>{html.escape(title)}</strong></p>" if title else ""))
+            out += [f'<{tag} class="callout callout-{kind}">{head}', ""]
+            stack.append(tag)
+        elif _CALLOUT_CLOSE.match(line) and stack:
+            out += ["", f"</{stack.pop()}>", ""]
+        else:
+            out.append(line)
+        i += 1
+    out += [f"</{t}>" for t in reversed(stack)]
+    return "\n".join(out)
+
+
+def _fallback_notebook(nb_path: Path):
+    """The staged notebook as the fallback renders it: Quarto callouts in Markdown cells turned into HTML."""
+    import nbformat
+
+    nb = nbformat.read(str(nb_path), as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "markdown" and ":::" in c.source:
+            c.source = callouts_to_html(c.source)
+    return nb
 
 
 def _page_title(nb_path: Path) -> str:
@@ -817,6 +860,7 @@ td,th{border:1px solid #ccc;padding:0.25em 0.6em;vertical-align:top}
 pre{overflow-x:auto;margin:0.3em 0}
 .output_stderr pre{background:#fff5f5}
 .input_area{background:#f7f7f7;border:1px solid #e4e4e4;border-radius:4px;padding:0.3em 0.6em}
+details.callout>summary{cursor:pointer;font-weight:bold}
 details.code-fold{margin:0.6em 0 0.2em 0}
 details.code-fold>summary{cursor:pointer;color:#555;font-size:small}
 a.anchor-link{visibility:hidden;text-decoration:none;margin-left:0.3em;color:#999}
@@ -932,7 +976,7 @@ def render_nbconvert(staged: list[Path], out_dir: Path, stage_dir: Path | None =
         (out_dir / name).write_text(_wrap(title, f"<h1>{html.escape(title)}</h1>" + body, pages, name, "nbconvert"),
                                     encoding="utf-8")
     for nb_path in staged:
-        body, _ = exporter.from_filename(str(nb_path), resources={"code_fold": fold})
+        body, _ = exporter.from_notebook_node(_fallback_notebook(nb_path), resources={"code_fold": fold})
         name = nb_path.stem + ".html"
         (out_dir / name).write_text(_wrap(_page_title(nb_path), body, pages, name, "nbconvert"), encoding="utf-8")
     shutil.copytree(mathjax_source(), out_dir / MATHJAX_DIR, dirs_exist_ok=True)
