@@ -159,7 +159,7 @@ def test_code_cells_fold_as_quarto_yml_asks(built, tmp_path):
     cfg["format"]["html"]["code-fold"] = False
     site.render_nbconvert(staged, other, tmp_path / "stage", cfg)
     html = (other / "01_eda.html").read_text()
-    assert re.findall(r"<details[^>]*>", html) == ['<details class="code-fold" open="">']
+    assert re.findall(r'<details class="code-fold"[^>]*>', html) == ['<details class="code-fold" open="">']
 
 
 def test_wide_tables_scroll_inside_the_page(built):
