@@ -861,6 +861,8 @@ pre{overflow-x:auto;margin:0.3em 0}
 .output_stderr pre{background:#fff5f5}
 .input_area{background:#f7f7f7;border:1px solid #e4e4e4;border-radius:4px;padding:0.3em 0.6em}
 details.callout>summary{cursor:pointer;font-weight:bold}
+main details:not(.code-fold)>summary{cursor:pointer;color:#1a5276;font-weight:600}
+main details:not(.code-fold)[open]{border-left:3px solid #aed6f1;padding-left:0.8em}
 details.code-fold{margin:0.6em 0 0.2em 0}
 details.code-fold>summary{cursor:pointer;color:#555;font-size:small}
 a.anchor-link{visibility:hidden;text-decoration:none;margin-left:0.3em;color:#999}
