@@ -116,3 +116,107 @@ def test_fit_top_trains_the_image_branch_top_only(three_class):
     assert ev["n"] == len(val_t)
     with pytest.raises(ValueError, match="'views'"):
         cf.fit_top(r, train_t, val_t, SIZE, 4, epochs=1, views=0, log=False, progress=False)
+
+
+# --------------------------------------------------------------------------- LP-FT and the other knobs
+def _lp_recipe(labels=None, **kw):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    return im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights=None, seed=3, train_labels=labels, **kw)
+
+
+def _halves(three_class):
+    t = three_class.table.reset_index(drop=True)
+    return t[t.index % 3 != 0], t[t.index % 3 == 0]
+
+
+@pytest.mark.slow
+def test_linear_probe_stage_trains_the_head_only(three_class):
+    train_t, val_t = _halves(three_class)
+    r = _lp_recipe(train_t.label_idx, linear_probe_epochs=3, linear_probe_patience=5)
+    m = r.model
+    a = cf.cache_activations(r, train_t, val_t, SIZE, 4, views=2, progress=False)
+    assert a["train"].shape[:2] == (2, len(train_t)) and len(a["val"]) == len(val_t)
+    top_before = m.get_layer("top_conv").get_weights()[0].copy()
+    head_before = [w.copy() for w in m.get_layer("class_probs").get_weights()]
+    pooled = cf.pooled_features(m, a["val"])
+    assert pooled.shape == (len(val_t), m.get_layer("avg_pool").output.shape[-1])
+    h = cf.linear_probe_stage(r, a["train"], train_t.label_idx.to_numpy(), a["val"], val_t.label_idx.to_numpy(), 4)
+    assert h["epochs_run"] == 3
+    np.testing.assert_array_equal(m.get_layer("top_conv").get_weights()[0], top_before)  # top blocks untouched
+    # the head learned (random-init features are tiny, so the biases move most)
+    assert any(not np.allclose(w, b) for w, b in zip(m.get_layer("class_probs").get_weights(), head_before))
+    # pooled features are what the frozen backbone gives for the clean images
+    from lib.image.input_pipeline import load_images
+
+    ref = im.backbone_view(m)(load_images(val_t, SIZE), training=False).numpy().mean(axis=(1, 2))
+    np.testing.assert_allclose(pooled, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_lp_ft_runs_both_stages_and_saves_the_same_flat_graph(three_class, tmp_path):
+    train_t, val_t = _halves(three_class)
+    r = _lp_recipe(train_t.label_idx, linear_probe_epochs=2, lr=3e-5, lr_schedule="cosine", label_smoothing=0.1)
+    assert r.settings["linear_probe_epochs"] == 2 and "cosine" in r.settings["optimizer"]
+    assert "label smoothing 0.1" in r.settings["loss"]
+    m = r.model
+    names_before = [layer.name for layer in m.layers]
+    frozen_before = m.get_layer("block5a_expand_conv").get_weights()[0].copy()
+    top_before = m.get_layer("top_conv").get_weights()[0].copy()
+    h = cf.fit_top(r, train_t, val_t, SIZE, 4, epochs=2, views=2, log=False, progress=False)
+    assert h["linear_probe"]["epochs_run"] == 2 and h["epochs_run"] == 2
+    np.testing.assert_array_equal(m.get_layer("block5a_expand_conv").get_weights()[0], frozen_before)
+    assert not np.array_equal(m.get_layer("top_conv").get_weights()[0], top_before)
+    path = im.save_model(m, tmp_path / "branch.keras")
+    back = im.load_model(path)
+    assert [layer.name for layer in back.layers] == names_before  # flat graph, augmentation layers included
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(back.predict(x, verbose=0), m.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_reused_activations_are_checked_against_the_model_and_tables(three_class):
+    train_t, val_t = _halves(three_class)
+    r = _lp_recipe(train_t.label_idx)
+    a = cf.cache_activations(r, train_t, val_t, SIZE, 4, views=2, progress=False)
+    h = cf.fit_top(r, train_t, val_t, SIZE, 4, epochs=1, views=1, log=False, progress=False, activations=a)
+    assert h["views"] == 1 and h["cut_layer"] == a["cut_layer"]
+    with pytest.raises(ValueError, match="2 views, 3 asked"):
+        cf.fit_top(r, train_t, val_t, SIZE, 4, epochs=1, views=3, log=False, progress=False, activations=a)
+    with pytest.raises(ValueError, match="rows"):
+        cf.fit_top(r, train_t.iloc[1:], val_t, SIZE, 4, epochs=1, views=1, log=False, progress=False, activations=a)
+    deeper = _lp_recipe(train_t.label_idx, unfreeze_from="block7a")
+    with pytest.raises(ValueError, match="block7a"):
+        cf.fit_top(deeper, train_t, val_t, SIZE, 4, epochs=1, views=1, log=False, progress=False, activations=a)
+
+
+def test_label_smoothing_loss_matches_smoothed_one_hot_cross_entropy():
+    y = np.array([0, 2, 1])
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
+    got = np.asarray(cf._loss(3, 0.1)(y.astype("float32"), p))
+    target = np.full((3, 3), 0.1 / 3) + 0.9 * np.eye(3)[y]
+    np.testing.assert_allclose(got, -(target * np.log(p)).sum(axis=1), rtol=1e-5)
+    assert cf._loss(3, 0.0) == "sparse_categorical_crossentropy"
+
+
+def test_cosine_schedule_decays_to_zero_over_the_fine_tuning_steps():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
+    cf._compile_stage(model, 1e-3, 3, schedule="cosine", total_steps=4)
+    x, y = np.zeros((8, 2), np.float32), np.zeros(8, np.int32)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)  # 4 steps
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="'lr_schedule'"):
+        cf._compile_stage(model, 1e-3, 3, schedule="step")
+
+
+@pytest.mark.parametrize("kw, name", [(dict(linear_probe_epochs=-1), "linear_probe_epochs"),
+                                      (dict(linear_probe_epochs=True), "linear_probe_epochs"),
+                                      (dict(lr_schedule="step"), "lr_schedule"),
+                                      (dict(label_smoothing=0.7), "label_smoothing")])
+def test_regularized_recipe_refuses_bad_options_before_building(kw, name):
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights=None, **kw)

@@ -137,31 +137,152 @@ def _view_sequence_class():
     return ViewSequence
 
 
+def cache_activations(recipe, train_table, val_table, image_size: int, batch_size: int, views: int = DEFAULT_VIEWS,
+                      progress: bool = True) -> dict:
+    """The frozen bottom's activations for :func:`fit_top`: ``train`` ``(views, n_train, ...)``, ``val``
+    ``(n_val, ...)``, ``cut_layer``, ``views`` and ``cache_seconds``.
+
+    Why separate: recipes with the same backbone weights, cut and seed draw the same views, so an
+    ablation computes them once and hands them to every variant (``fit_top(..., activations=...)``).
+    """
+    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
+        raise ValueError(f"parameter 'views': expected an integer >= 1 (augmented views per image), got {views!r}")
+    augmenter, bottom, _, cut = split_model(recipe.model)
+    t0 = time.perf_counter()
+    train_acts = compute_views(augmenter, bottom, train_table, image_size, batch_size, views, progress)
+    val_acts = compute_views(augmenter, bottom, val_table, image_size, batch_size, 0, progress)[0]
+    return {"train": train_acts, "val": val_acts, "cut_layer": cut, "views": int(views),
+            "cache_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _loss(n_classes: int, label_smoothing: float):
+    """Sparse cross-entropy, or with ``label_smoothing`` > 0 cross-entropy on smoothed one-hot targets
+    (Keras's sparse loss has no smoothing); the targets stay integer class indices either way."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+    import keras
+
+    def smoothed_crossentropy(y_true, y_pred):
+        idx = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return keras.losses.categorical_crossentropy(keras.ops.one_hot(idx, n_classes), y_pred,
+                                                     label_smoothing=float(label_smoothing))
+
+    return smoothed_crossentropy
+
+
+def _compile_stage(model, lr, n_classes: int, label_smoothing: float = 0.0, schedule: str = "constant",
+                   total_steps: int = 1) -> None:
+    """Adam at ``lr`` (constant, or cosine decay to 0 over ``total_steps``), under the recipe's strategy."""
+    import keras
+
+    from lib.image.image_model import strategy
+
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"parameter 'lr_schedule': expected 'constant' or 'cosine', got {schedule!r}")
+    with strategy().scope():
+        rate = lr if schedule == "constant" else keras.optimizers.schedules.CosineDecay(
+            float(lr), decay_steps=max(1, int(total_steps)))
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=rate), loss=_loss(n_classes, label_smoothing),
+                      metrics=["accuracy"], jit_compile=False)
+
+
+def pooled_features(model, acts: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``avg_pool`` features of cached cut activations ``(..., *cut_shape)`` through the model's own (still
+    frozen-for-this-stage) top blocks, in inference mode; leading axes are kept."""
+    import keras
+
+    cut = split_model(model)[3]
+    pool = keras.Model(model.get_layer(cut).input, model.get_layer("avg_pool").output, name="top_blocks_pooled")
+    flat = acts.reshape((-1,) + acts.shape[-3:])
+    out = np.concatenate([np.asarray(pool(flat[i:i + batch_size], training=False))
+                          for i in range(0, len(flat), batch_size)])
+    return out.reshape(acts.shape[:-3] + out.shape[1:])
+
+
+def linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size: int, sw=None, seed: int = 42,
+                       log: bool = False) -> dict:
+    """LP of LP-FT (Kumar et al., ICLR 2022): train the head alone on the frozen backbone's pooled features.
+
+    Why: a randomly initialised head sends large, random gradients into the pretrained top blocks in
+    the first epochs and distorts the features before the head is any good; fitting the head first
+    (cheap: pooled 1280-d vectors, no convolution) means fine-tuning starts from a sensible head.
+    The head's epochs are ``recipe.settings['linear_probe_epochs']`` (upper bound: early stopping on
+    validation accuracy, best weights restored) at Adam ``linear_probe_lr``.
+    """
+    import keras
+
+    from lib.image.image_model import fit_history
+
+    opts = recipe.settings
+    model = recipe.model
+    head = keras.Model(model.get_layer("avg_pool").output, model.output, name="head_only")
+    t0 = time.perf_counter()
+    f_train = pooled_features(model, train_acts)
+    f_val = pooled_features(model, val_acts)
+    n_classes = int(model.output.shape[-1])
+    seq = _view_sequence_class()(f_train, y, batch_size, sw, seed + 1)
+    _compile_stage(head, opts["linear_probe_lr"], n_classes, opts.get("label_smoothing", 0.0))
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=int(opts["linear_probe_patience"]),
+                                         restore_best_weights=True)
+    hist = fit_history(head, seq, int(opts["linear_probe_epochs"]), [stop], log=log, n_train=len(y), started=t0,
+                       validation_data=(f_val, y_val), validation_batch_size=batch_size)
+    return hist
+
+
 def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, epochs: int,
-            views: int = DEFAULT_VIEWS, seed: int = 42, log: bool = True, progress: bool = True) -> dict:
+            views: int = DEFAULT_VIEWS, seed: int = 42, log: bool = True, progress: bool = True,
+            activations: dict | None = None) -> dict:
     """Train ``recipe.model`` (a :func:`lib.image.image_model.regularized_recipe`) through its cached bottom.
 
+    With ``recipe.settings['linear_probe_epochs']`` > 0 this is linear-probe-then-fine-tune: the head is
+    first trained alone on pooled frozen features (:func:`linear_probe_stage`), then the top blocks and
+    the head are fine-tuned at ``recipe.lr`` (lower than the head's), optionally on a cosine schedule
+    (``lr_schedule``) and with ``label_smoothing``.  ``activations``: :func:`cache_activations`' result
+    for the same model cut and tables, reused instead of recomputed (its first ``views`` views are used).
+
     Returns the same history dict as :func:`lib.image.image_model.train` plus ``views``, ``cut_layer``,
-    ``cache_seconds`` (computing the views) and ``cache_mb``; ``fit_seconds`` covers both.
+    ``cache_seconds`` (computing the views) and ``cache_mb``, and ``linear_probe`` (the head stage's
+    history) when it ran; ``fit_seconds`` covers everything done here (not activations passed in).
     """
-    from lib.image.image_model import _compile, check_epochs, fit_history
+    from lib.image.image_model import check_epochs, fit_history
 
     if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
         raise ValueError(f"parameter 'views': expected an integer >= 1 (augmented views per image), got {views!r}")
     check_epochs(epochs)  # before minutes of caching, not after
-    augmenter, bottom, top, cut = split_model(recipe.model)
+    _, _, top, cut = split_model(recipe.model)
     t0 = time.perf_counter()
-    train_acts = compute_views(augmenter, bottom, train_table, image_size, batch_size, views, progress)
-    val_acts = compute_views(augmenter, bottom, val_table, image_size, batch_size, 0, progress)[0]
-    cache_s = time.perf_counter() - t0
+    if activations is None:
+        activations = cache_activations(recipe, train_table, val_table, image_size, batch_size, views, progress)
+    else:
+        problem = (f"cut at {activations.get('cut_layer')!r}, model cut at {cut!r}" if activations.get("cut_layer") != cut
+                   else f"{activations['train'].shape[0]} views, {views} asked" if activations["train"].shape[0] < views
+                   else f"{activations['train'].shape[1]}/{len(activations['val'])} rows, tables have "
+                        f"{len(train_table)}/{len(val_table)}"
+                   if (activations["train"].shape[1], len(activations["val"])) != (len(train_table), len(val_table))
+                   else None)
+        if problem:
+            raise ValueError(f"parameter 'activations': computed for another model or table ({problem})")
+    train_acts, val_acts = activations["train"][:views], activations["val"]
+    cache_s = float(activations["cache_seconds"])
     y = train_table["label_idx"].to_numpy().astype(np.int32)
+    y_val = val_table["label_idx"].to_numpy().astype(np.int32)
     cw = recipe.class_weight
     sw = None if cw is None else np.asarray([cw[int(c)] for c in y], np.float32)
+    opts = recipe.settings
+    lp = None
+    if int(opts.get("linear_probe_epochs") or 0) > 0:
+        lp = linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size, sw, seed, log=False)
+        if log:
+            print(f"linear probe (head only, frozen features): best validation accuracy "
+                  f"{max(lp['val_accuracy']):.3f} at epoch {lp['best_epoch']} of {lp['epochs_run']}")
     seq = _view_sequence_class()(train_acts, y, batch_size, sw, seed)
-    _compile(top, recipe.lr)  # under the model's distribution strategy, like the recipe's own compile
-    val = (val_acts, val_table["label_idx"].to_numpy().astype(np.int32))
+    n_classes = int(recipe.model.output.shape[-1])
+    _compile_stage(top, recipe.lr, n_classes, opts.get("label_smoothing", 0.0), opts.get("lr_schedule", "constant"),
+                   total_steps=int(epochs) * len(seq))
     hist = fit_history(top, seq, epochs, recipe.callbacks, log=log, n_train=len(y), started=t0,
-                       validation_data=val, validation_batch_size=batch_size)
+                       validation_data=(val_acts, y_val), validation_batch_size=batch_size)
     hist.update(cache_seconds=round(cache_s, 2), views=int(views), cut_layer=cut,
                 cache_mb=round((train_acts.nbytes + val_acts.nbytes) / 2**20, 3))
+    if lp is not None:
+        hist["linear_probe"] = lp
     return hist

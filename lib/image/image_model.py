@@ -32,6 +32,8 @@ from lib.image.input_pipeline import augmentation_layers
 HEAD_LAYERS = ("avg_pool", "head_dropout_1", "image_embedding", "head_dropout_2", "class_probs")
 LEARNING_RATE = 1e-4  # the published recipe's Adam learning rate (regularized recipe)
 NAIVE_LEARNING_RATE = 1e-3  # Keras's Adam default: what a first attempt uses
+LINEAR_PROBE_EPOCHS = 0  # regularized recipe: head-only epochs on frozen features before fine-tuning (0: off)
+LINEAR_PROBE_LR = 1e-3  # Adam learning rate of that head-only stage
 UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c, 6d, 7a) and top_conv fine-tuned
 
 # Naive-recipe settings per profile, used when config.PROFILES has no ``naive_epochs`` /
@@ -192,16 +194,33 @@ def naive_recipe(n_classes: int, backbone: str = "efficientnet_lite0", image_siz
 
 def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", image_size: int = 224,
                        weights="imagenet", seed: int = 42, train_labels=None, dropout: float = 0.3,
-                       lr: float = LEARNING_RATE, patience: int = 3, unfreeze_from: str = UNFREEZE_FROM) -> Recipe:
+                       lr: float = LEARNING_RATE, patience: int = 3, unfreeze_from: str = UNFREEZE_FROM,
+                       linear_probe_epochs: int = LINEAR_PROBE_EPOCHS, linear_probe_lr: float = LINEAR_PROBE_LR,
+                       linear_probe_patience: int = 5, lr_schedule: str = "constant",
+                       label_smoothing: float = 0.0) -> Recipe:
     """The published recipe: augmentation, dropout ``dropout`` (0.2-0.3), lower blocks frozen and the top
     blocks fine-tuned with BatchNorm frozen (:func:`lib.image.backbones.unfreeze_top` from ``unfreeze_from``, a
     block prefix such as ``"block6c"`` or a layer name), Adam ``lr``, EarlyStopping on ``val_accuracy``
     restoring the best weights, and balanced class weights when ``train_labels`` are unbalanced
-    (:func:`class_weights`)."""
+    (:func:`class_weights`).
+
+    Options read by :func:`lib.image.cached_finetune.fit_top` (kept in ``settings``):
+    ``linear_probe_epochs`` > 0 trains the head alone on frozen features first, at Adam ``linear_probe_lr``
+    with its own early stopping (``linear_probe_patience``), before the top blocks are unfrozen at ``lr``
+    (linear-probe-then-fine-tune, Kumar et al., ICLR 2022); ``lr_schedule`` ``"constant"`` or ``"cosine"``
+    (decay to 0 over the fine-tuning epochs); ``label_smoothing`` in [0, 0.5)."""
     import keras
 
     from lib.image import backbones
 
+    if isinstance(linear_probe_epochs, bool) or not isinstance(linear_probe_epochs, (int, np.integer)) \
+            or linear_probe_epochs < 0:
+        raise ValueError(f"parameter 'linear_probe_epochs': expected an integer >= 0 (0: no head-only stage), "
+                         f"got {linear_probe_epochs!r}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"parameter 'lr_schedule': expected 'constant' or 'cosine', got {lr_schedule!r}")
+    if not 0.0 <= float(label_smoothing) < 0.5:
+        raise ValueError(f"parameter 'label_smoothing': expected a value in [0, 0.5), got {label_smoothing!r}")
     dist = strategy()
     model = build_image_classifier(n_classes, backbone, image_size, weights, dropout=dropout, augment=True,
                                    seed=seed, dist=dist)
@@ -227,7 +246,11 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
         augmentation=True, dropout=float(dropout),
         trainable=f"top of the backbone from {summary['first_trainable_backbone_layer']} + head, BatchNorm frozen",
         early_stopping=f"val_accuracy, patience {patience}, restore best weights",
-        class_weight=cw, optimizer=f"Adam lr={lr:g}", loss="sparse categorical cross-entropy"))
+        class_weight=cw, optimizer=f"Adam lr={lr:g}" + (", cosine decay" if lr_schedule == "cosine" else ""),
+        loss="sparse categorical cross-entropy" + (f", label smoothing {label_smoothing:g}" if label_smoothing else ""),
+        linear_probe_epochs=int(linear_probe_epochs), linear_probe_lr=float(linear_probe_lr),
+        linear_probe_patience=int(linear_probe_patience), lr_schedule=lr_schedule,
+        label_smoothing=float(label_smoothing)))
 
 
 def naive_settings(params: dict) -> dict:
