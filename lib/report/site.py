@@ -58,12 +58,12 @@ CLINICAL_NOTE = (
 # The index page's results table: per notebook, the few numbers that carry its lesson, in order.
 # (Each notebook's JSON holds many more; its own page shows them.)
 HEADLINE = {
-    "01_eda": [("images", "cell images used"), ("cluster_images", "cluster images (groups)"),
+    "01_eda": [("images", "images used"), ("cluster_images", "cluster images (groups)"),
                ("groups", "groups (cluster or source images)"),
                ("biopsy_prevalence", "Biopsy prevalence (UCI)"), ("best_leaky_column_auc", "AUC of the best leaking screening column alone")],
     "02_overfitting_baseline": [("train_acc", "naive recipe: train accuracy"), ("val_acc", "naive recipe: validation accuracy"),
                                 ("gap", "naive recipe: train-validation gap")],
-    "03_image_branch": [("macro_f1", "macro-F1, 5 classes (test)"), ("accuracy", "accuracy (test)"),
+    "03_image_branch": [("macro_f1", "macro-F1 over the classes (test)"), ("accuracy", "accuracy (test)"),
                         ("abnormal_auc", "abnormal-vs-rest AUC (test)"), ("gap_naive", "train-validation gap, naive"),
                         ("gap_regularized", "train-validation gap, regularized")],
     "04_tabular_mlp": [("auc_mlp", "AUC, tabular MLP (repeated CV)"), ("auc_logreg", "AUC, logistic regression"),
@@ -164,8 +164,10 @@ def headline_markdown(profile: str) -> str:
         for key, label in HEADLINE.get(path.stem, [(k, k) for k in list(headline)[:6]]):
             if key in headline:
                 rows.append(f"| {path.stem} | {data} | {label} | {_fmt(headline[key])} |")
+    where = config.metrics_dir(profile)
+    where = where.relative_to(config.ROOT).as_posix() if where.is_relative_to(config.ROOT) else f"build/{profile}/metrics"
     return (f"Profile **{profile}**; every number is read from the metrics JSON its notebook wrote "
-            f"(`build/{profile}/metrics/`).\n\n" + "\n".join(rows) + "\n")
+            f"(`{where}/`).\n\n" + "\n".join(rows) + "\n")
 
 
 # --------------------------------------------------------------------------- model card (Mitchell et al. 2019)
