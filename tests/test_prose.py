@@ -301,3 +301,54 @@ def test_references_table_reuses_the_dataset_references():
                       for k in ("accuracy", "macro_f1") if k in e}
     assert dataset_values <= values
     assert all(f["source"] and f["cue"] for f in references.figures())
+
+
+def _names(path: Path) -> set[str]:
+    """Top-level functions, classes and constants of a lib file (read, not imported: no TensorFlow start-up)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def stale_lib_references(notebook: Path) -> list[str]:
+    """Names of lib code in the prose (`lib.x.y.name`, `lib/x/y.py`) that no longer exist (lib was re-laid out)."""
+    nb = json.loads(notebook.read_text())
+    bad = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "markdown":
+            continue
+        for ref in re.findall(r"`(lib[./][\w./]*?)(?:\(\))?`", "".join(cell["source"])):
+            if "/" in ref:
+                ok = (ROOT / ref).exists()
+            else:
+                parts, ok = ref.split("."), False
+                for k in range(len(parts), 0, -1):
+                    base = ROOT.joinpath(*parts[:k])
+                    module = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+                    if module.exists():
+                        rest = parts[k:]
+                        ok = not rest or (len(rest) == 1 and rest[0] in _names(module))
+                        break
+            if not ok:
+                bad.append(f"{notebook.name}, cell {i} (id {cell.get('id')}): `{ref}` names no lib module or name")
+    return bad
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_prose_names_lib_code_that_exists(notebook):
+    assert stale_lib_references(notebook) == []
+
+
+def test_stale_lib_reference_is_caught(tmp_path):
+    src = ROOT / "notebooks" / "06_gradcam.ipynb"
+    copy = tmp_path / src.name
+    _plant(src, copy, "Read `lib.gradcam.gradcam_tape` in `lib/gradcam.py`; "
+                      "`lib.explain.gradcam.gradcam_tape` is right.")
+    found = stale_lib_references(copy)
+    assert len(found) == 2 and "`lib.gradcam.gradcam_tape`" in found[0] and "`lib/gradcam.py`" in found[1]
