@@ -139,3 +139,16 @@ def test_probe_predictor_maps_classifier_columns():
     probs = sc.probe_predictor(fm, clf, 3, batch_size=1)(x)
     assert probs.shape == (2, 3) and np.all(probs[:, 1] == 0) and np.allclose(probs.sum(axis=1), 1)
     assert probs[0, 0] > 0.5 and probs[1, 2] > 0.5
+
+
+@pytest.mark.slow
+def test_refitted_probe_predictor_gives_the_probes_test_probabilities(three_class):
+    from lib.image import probe
+    from lib.image.input_pipeline import load_images
+
+    t = three_class.table.reset_index(drop=True).copy()
+    t["split"] = np.where(t.index % 3 == 0, "test", np.where(t.index % 3 == 1, "val", "train"))
+    lp = probe.linear_probe(t, "efficientnet_lite0", 32, None, seed=5, batch_size=4)
+    pred = sc.fit_probe_predictor(t, "efficientnet_lite0", 32, None, lp["C"], seed=5, batch_size=4)
+    test = t[t["split"] == "test"]
+    np.testing.assert_allclose(pred(load_images(test, 32)), lp["probs"], atol=1e-3)
