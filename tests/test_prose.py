@@ -195,6 +195,10 @@ def _literature(token: str, sentence: str) -> dict | None:
     return None
 
 
+def _where(notebook: Path, i: int, cell: dict) -> str:
+    return f"{notebook.name}, cell {i}" + (f" (id {cell['id']})" if cell.get("id") else "")
+
+
 def violations(notebook: Path) -> list[str]:
     """Every number in the notebook's markdown that is neither literature, structural, nor code."""
     nb = json.loads(notebook.read_text())
@@ -208,7 +212,7 @@ def violations(notebook: Path) -> list[str]:
         for name, pattern, _why, check in STRUCTURAL:
             for m in re.finditer(pattern, raw):
                 if check is not None and not check(m):
-                    found.append(f"{notebook.name}, cell {i} (id {cell.get('id')}): {m.group()!r} restates a setting "
+                    found.append(f"{_where(notebook, i, cell)}: {m.group()!r} restates a setting "
                                  f"({name}) that the code no longer has")
                     continue
                 allowed.append(m.span())
@@ -219,7 +223,7 @@ def violations(notebook: Path) -> list[str]:
             if _literature(m.group(), _sentence(text, a)) is not None:
                 continue
             context = " ".join(raw[max(0, a - 40):b + 30].split())
-            found.append(f"{notebook.name}, cell {i} (id {cell.get('id')}): number {m.group()!r} typed in prose "
+            found.append(f"{_where(notebook, i, cell)}: number {m.group()!r} typed in prose "
                          f"(...{context}...); print it from code, or cite it in lib/report/references.py")
     return found
 
@@ -336,7 +340,7 @@ def stale_lib_references(notebook: Path) -> list[str]:
                         ok = not rest or (len(rest) == 1 and rest[0] in _names(module))
                         break
             if not ok:
-                bad.append(f"{notebook.name}, cell {i} (id {cell.get('id')}): `{ref}` names no lib module or name")
+                bad.append(f"{_where(notebook, i, cell)}: `{ref}` names no lib module or name")
     return bad
 
 
