@@ -966,8 +966,23 @@ def save_hybrid(model, models_dir, preprocessor=None, card: dict | None = None) 
         model.save(tmp)
     clean = load_hybrid(paths["keras"])
     _untrack_value_ranges(clean)
-    with atomic_path(paths["h5"]) as tmp:
-        clean.save(tmp)
+    import logging
+
+    class _NoLegacyNotice(logging.Filter):
+        """Keras logs (through absl) that .h5 is "legacy" on every save; the kit writes .h5 on purpose,
+        next to the .keras file, because the original work shipped one. Other messages pass."""
+
+        def filter(self, record):
+            return "saving your model as an HDF5 file" not in record.getMessage()
+
+    absl = logging.getLogger("absl")
+    quiet = _NoLegacyNotice()
+    absl.addFilter(quiet)
+    try:
+        with atomic_path(paths["h5"]) as tmp:
+            clean.save(tmp)
+    finally:
+        absl.removeFilter(quiet)
     if preprocessor is not None:
         paths["preprocessor"] = save_preprocessor(preprocessor, d / PREPROCESSOR_FILE)
     if card is not None:
