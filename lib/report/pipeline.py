@@ -136,6 +136,8 @@ KERNEL_CHATTER = re.compile("|".join([
     r"KeyboardInterrupt caught in kernel",
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$",
     r"^I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on",
+    r"node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool",
+    r"generator_dataset_op\.cc:\d+\] Memory patch applied",
 ]))
 # For the kernel's environment only; a value the user has set wins. Level 2 hides TensorFlow's
 # C++ INFO/WARNING start-up lines (errors still show). TF_ENABLE_ONEDNN_OPTS is left alone on
@@ -190,6 +192,10 @@ class QuietKernelManager(AsyncKernelManager):
             env.setdefault(key, value)
         env.update(self.extra_env)
         kw["env"] = env
+        if any("ipykernel" in str(part) for part in kernel_cmd):
+            # C-level writes (TensorFlow's C++ start-up notices) go to this process's stderr, which the
+            # filter below reads, instead of into the notebook's cells and so onto the report's pages
+            kernel_cmd = [*kernel_cmd, "--IPKernelApp.capture_fd_output=False"]
         read_fd, write_fd = os.pipe()
         kw["stderr"] = write_fd
         try:
