@@ -197,14 +197,11 @@ def predict(model, images=None, inputs=None, batch_size: int = 32) -> np.ndarray
     timestamped ``node_def_util ... use_unbounded_threadpool`` line to stderr (noise that breaks nbval).
     Multi-input models are called with a dict by input name (no structure warning).
     """
+    from lib.predict import predict as batched
+
     feed, _ = _as_inputs(model, images, inputs)
     names = _input_names(model)
-    n = feed[names[0]].shape[0]
-    out = []
-    for sl in _batches(n, int(batch_size)):
-        x = {k: feed[k][sl] for k in names} if len(names) > 1 else feed[names[0]][sl]
-        out.append(np.asarray(model(x, training=False)))
-    return np.concatenate(out)
+    return batched(model, {k: feed[k] for k in names} if len(names) > 1 else feed[names[0]], batch_size=int(batch_size))
 
 
 # --------------------------------------------------------------------------- map post-processing

@@ -272,22 +272,10 @@ def image_embeddings(image_branch, table, image_size: int | None = None, chunk: 
 
 
 def predict_raw(model, x, batch_size: int | None = None) -> np.ndarray:
-    """``model(x, training=False)`` in batches, as NumPy (``x``: an array or a list of arrays).
+    """``model(x, training=False)`` in batches, as NumPy: :func:`lib.predict.predict`."""
+    from lib.predict import predict as batched
 
-    A direct call rather than ``model.predict``: no per-model ``tf.function`` tracing (seconds each on
-    these machines) and no retracing warnings when many small models are evaluated.  ``batch_size``
-    defaults to 32 when an input is a batch of images (eager EfficientNet at 224 px holds every
-    activation of the batch: about 20 GB for 256 images, 3.4 GB for 32) and 1024 otherwise.
-    """
-    xs = x if isinstance(x, (list, tuple)) else [x]
-    if batch_size is None:
-        batch_size = 32 if any(np.ndim(a) == 4 for a in xs) else 1024
-    n = len(xs[0])
-    outs = []
-    for i in range(0, n, batch_size):
-        part = [np.asarray(a[i:i + batch_size], "float32") for a in xs]
-        outs.append(np.asarray(model(part if len(part) > 1 else part[0], training=False)))
-    return np.concatenate(outs, axis=0)
+    return batched(model, x, batch_size=batch_size)
 
 
 def fit_image_head_on_features(image_branch, features, labels, val_features=None, val_labels=None,

@@ -389,16 +389,14 @@ def batchnorm_diagnosis(model, train_table, val_table, image_size: int, batch_si
     moving statistics, so the weights are restored afterwards: the model is left as it was.
     """
     from lib.image.input_pipeline import load_images
+    from lib.predict import predict
 
     def acc(table, training):
         # shuffled (seeded) like fit's batches: class-sorted batches would give batch statistics fit never saw
         order = np.random.default_rng(0).permutation(len(table))
         x = load_images(table.iloc[order], image_size)
         y = table["label_idx"].to_numpy()[order]
-        preds = []
-        for i in range(0, len(x), batch_size):
-            preds.append(np.asarray(model(x[i:i + batch_size], training=training)).argmax(axis=1))
-        return float((np.concatenate(preds) == y).mean())
+        return float((predict(model, x, batch_size=batch_size, training=training).argmax(axis=1) == y).mean())
 
     saved = [w.copy() for w in model.get_weights()]
     try:
@@ -427,7 +425,10 @@ def batchnorm_diagnosis(model, train_table, val_table, image_size: int, batch_si
 
 # --------------------------------------------------------------------------- evaluation
 def predict_probs(model, ds) -> np.ndarray:
-    return np.asarray(model.predict(ds, verbose=0))
+    """Class probabilities for a ``tf.data`` dataset built with ``training=False`` (:func:`lib.predict.predict`)."""
+    from lib.predict import predict
+
+    return predict(model, ds)
 
 
 def evaluate(model, ds, table, classes, abnormal_classes, n_boot: int = 200, seed: int = 42,
@@ -446,9 +447,9 @@ def accuracy(model, table, image_size: int, batch_size: int = 32) -> float:
     statistics): how validation and test images are scored."""
     from lib.image.input_pipeline import load_images
 
-    x = load_images(table, image_size)
-    pred = np.concatenate([np.asarray(model(x[i:i + batch_size], training=False)).argmax(axis=1)
-                           for i in range(0, len(x), batch_size)])
+    from lib.predict import predict
+
+    pred = predict(model, load_images(table, image_size), batch_size=batch_size).argmax(axis=1)
     return float((pred == table["label_idx"].to_numpy()).mean())
 
 
