@@ -32,7 +32,7 @@ def _card(synthetic=True):
     s = np.clip(y * 0.4 + rng.random(60) * 0.6, 0, 1)
     reports = {"fused": metrics.binary_report(y, s, n_boot=50), "image only": metrics.binary_report(y, s[::-1], n_boot=50)}
     return hybrid.model_card(
-        synthetic=synthetic, image_source="synthetic" if synthetic else "sipakmed-official",
+        synthetic=synthetic, image_source="SYNTHETIC stand-in in SIPaKMeD's layout" if synthetic else "SIPaKMeD's cells",
         uci_summary={"path": "/x/risk_factors_cervical_cancer.csv", "sha256": "ab" * 32, "matches_uci_original": True,
                      "rows": 835, "positives": {"Biopsy": 54}},
         pairing={"kind": "label-conditioned", "seed": 42}, training_mode=hybrid.TRAINING_MODES[0],
@@ -209,6 +209,7 @@ def test_model_card_follows_mitchell_in_order(built):
     text = page.read_text()
     assert re.search(r"\d\.\d{3}<br><small>\[\d\.\d{3},(&nbsp;|\xa0)\d\.\d{3}\]</small>", text)  # metrics with intervals
     assert "```json" not in text and "Teaching only" in text and "different women" in text
+    assert not re.search(r"&amp;(#x?[0-9a-f]+|amp|lt|gt|quot);", text)  # escaped once, never twice
     json_links = [h for h in _parse(page).hrefs if h.endswith(".json")]
     assert json_links and json.loads((out / json_links[0]).read_text())["name"] == hybrid.MODEL_NAME
 

@@ -136,6 +136,11 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _raw(v) -> str:
+    """``_fmt`` without the HTML escaping, for text that is escaped once more on its way into a table cell."""
+    return html.unescape(_fmt(v))
+
+
 def _cell(v) -> str:
     """A value fit for a Markdown table cell."""
     return _fmt(v).replace("|", "\\|").replace("\n", " ")
@@ -249,7 +254,7 @@ def _model_card_one(card_path: Path, card: dict, meta: dict, download: str) -> s
                          "**Out of scope:** any screening, diagnosis or clinical decision; any use on real patients.\n")
     s["Factors"] = _dl([
         ("image classes", _get(card, "image_classes")), ("abnormal (positive) classes", _get(card, "abnormal_classes")),
-        ("groups", (f"{_fmt(_get(dataset, 'n_groups'))} {dataset['group_unit']}s: the images of one "
+        ("groups", (f"{_raw(_get(dataset, 'n_groups'))} {dataset['group_unit']}s: the images of one "
                     f"{dataset['group_unit']} never cross splits") if dataset.get("group_unit")
          else "cluster images: cells of one cluster image never cross splits"),
         ("pairing of the two datasets", _pairing_summary(_get(card, "pairing_protocol"))),
@@ -261,15 +266,16 @@ def _model_card_one(card_path: Path, card: dict, meta: dict, download: str) -> s
                     + "\nMean attention weights (attention-fused head): "
                     + _fmt(_get(card, "metrics", "mean_attention_weights")) + "\n")
     s["Evaluation data"] = _dl([
-        ("images", f"{_fmt(_get(images, 'source'))} (held-out groups of notebook 03's grouped split)"),
+        ("images", f"{_raw(_get(images, 'source'))} (held-out groups of notebook 03's grouped split)"),
         ("risk factors", "UCI records of the test split (15%, stratified by Biopsy)"),
         ("test pairs", _get(fusion, "headline", "n_test_images")),
         ("synthetic", _get(images, "synthetic")),
         ("note", _get(images, "note") if synthetic else "real images"),
     ])
     s["Training data"] = _dl([
-        ("images", _get(images, "source")), ("image licence", _get(dataset, "licence")),
-        ("image classes and groups", f"{_fmt(_get(dataset, 'n_images'))} images in {_fmt(_get(dataset, 'n_groups'))} "
+        ("images", _get(images, "source")),
+        ("image licence", LICENCES["synthetic"] if synthetic else _get(dataset, "licence")),
+        ("image classes and groups", f"{_raw(_get(dataset, 'n_images'))} images in {_raw(_get(dataset, 'n_groups'))} "
                                      f"groups" if dataset else NOT_RECORDED),
         ("image recipe", _get(card, "image_branch", "recipe")),
         ("risk factors", _get(tabular, "name")), ("risk-factor file", _get(tabular, "file")),
@@ -380,7 +386,7 @@ def dataset_cards_markdown(profile: str, meta: dict | None = None) -> str:
         ("classes", desc.get("classes") or NOT_RECORDED),
         ("abnormal (positive) classes", desc.get("abnormal_classes") or NOT_RECORDED),
         ("images used", desc.get("n_images") or _get(eda, "headline", "images")),
-        ("groups", f"{_fmt(n_groups)} {unit}s; every split keeps a group on one side"),
+        ("groups", f"{_raw(n_groups)} {unit}s; every split keeps a group on one side"),
         ("the dataset's own train/test split", f"puts {both} {unit}s on both sides (the kit does not use it)"
          if isinstance(both, int) else "none shipped, or not recorded"),
         ("published results on it", "; ".join(str(r.get("what", "")) for r in refs if isinstance(r, dict)) or "none recorded"),
@@ -395,7 +401,7 @@ def dataset_cards_markdown(profile: str, meta: dict | None = None) -> str:
         ("licence", LICENCES["uci"]),
         ("file", Path(str(uci["path"])).name if uci.get("path") else NOT_RECORDED),
         ("sha256", _get(uci, "sha256")), ("byte-identical to the UCI original", _get(uci, "matches_uci_original")),
-        ("raw rows x columns", f"{_fmt(_get(uci, 'raw_rows'))} x {_fmt(_get(uci, 'raw_columns'))}"),
+        ("raw rows x columns", f"{_raw(_get(uci, 'raw_rows'))} x {_raw(_get(uci, 'raw_columns'))}"),
         ("exact duplicates removed", _get(uci, "duplicates_removed")),
         ("rows after cleaning", _get(uci, "rows")), ("positives after cleaning", _get(uci, "positives")),
         ("Biopsy prevalence", _get(uci, "biopsy_prevalence")),
@@ -600,10 +606,10 @@ def run_summary_markdown(profile: str, meta: dict | None = None) -> str:
         params = _get(meta["metrics"].get("03_image_branch", {}), "params", default={})
     out += ["## Run\n", _dl([
         ("profile", _get(pipe, "profile", default=profile)),
-        ("image data", f"{_fmt(src)}{' (SYNTHETIC stand-in)' if synthetic else ''}"),
+        ("image data", f"{_raw(src)}{' (SYNTHETIC stand-in)' if synthetic else ''}"),
         ("tabular data", "UCI dataset 383"),
-        ("backbone / weights / image size", f"{_fmt(_get(params, 'backbone'))} / {_fmt(_get(params, 'weights'))} / "
-                                            f"{_fmt(_get(params, 'image_size'))}"),
+        ("backbone / weights / image size", f"{_raw(_get(params, 'backbone'))} / {_raw(_get(params, 'weights'))} / "
+                                            f"{_raw(_get(params, 'image_size'))}"),
         ("seed", _get(params, "seed")),
     ])]
     env = [("Python", platform.python_version()), ("platform", f"{platform.system()} {platform.machine()}"),
