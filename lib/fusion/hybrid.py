@@ -395,6 +395,10 @@ def cached_image_embeddings(run, branch, info: dict) -> tuple[np.ndarray, bool]:
         h.update(json.dumps({k: run.params[k] for k in ("backbone", "weights", "image_size", "seed")},
                             sort_keys=True).encode())
         h.update(json.dumps(info.get("head_training", {}), sort_keys=True).encode())
+    import PIL
+    import keras
+
+    h.update(f"keras {keras.__version__} pillow {PIL.__version__}".encode())  # decoding + forward pass
     h.update("\n".join(run.relpaths(run.table)).encode())
     key = h.hexdigest()
     target = run.path("image_embeddings")

@@ -39,10 +39,13 @@ def weights_id(weights, seed: int = 42) -> str:
 
 def cache_key(table, backbone: str, image_size: int, weights, seed: int = 42) -> str:
     """SHA-256 (hex, 24 chars) of everything the features depend on."""
+    import PIL
     import keras
 
     h = hashlib.sha256()
-    meta = dict(version=FEATURE_VERSION, keras=keras.__version__, backbone=str(backbone),
+    # Pillow decodes and resizes the images: another Pillow version gives other pixels (measured: a
+    # Pillow 13 -> 12.3 change moved cached embeddings by up to 0.34)
+    meta = dict(version=FEATURE_VERSION, keras=keras.__version__, pillow=PIL.__version__, backbone=str(backbone),
                 image_size=int(image_size), weights=weights_id(weights, seed))
     h.update(json.dumps(meta, sort_keys=True).encode())
     for p in table["path"].tolist():

@@ -38,3 +38,19 @@ def figures() -> list[dict]:
         for v in values:
             out.append(dict(value=float(v), key=e["key"], source=e["source"], cue=cue))
     return out
+
+
+def figure(key: str, field: str) -> float:
+    """One literature figure by its key and field, e.g. ``figure("uci_anchor_auc", "auc")``: notebook
+    code cites the table instead of typing the number."""
+    for e in [*OTHER_REFERENCES, *(e for es in DATASET_REFERENCES.values() for e in es)]:
+        if e["key"] == key:
+            if field not in e:
+                raise KeyError(f"reference {key!r} has no field {field!r}; it has {sorted(e)}")
+            return float(e[field])
+    raise KeyError(f"no reference {key!r} in lib.report.references")
+
+
+def original_claims() -> dict:
+    """The original hybrid work's reported accuracy, precision and recall (its F1 follows from them)."""
+    return {k: figure("original_hybrid", k) for k in ("accuracy", "precision", "recall")}
