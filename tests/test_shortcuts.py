@@ -152,3 +152,16 @@ def test_refitted_probe_predictor_gives_the_probes_test_probabilities(three_clas
     pred = sc.fit_probe_predictor(t, "efficientnet_lite0", 32, None, lp["C"], seed=5, batch_size=4)
     test = t[t["split"] == "test"]
     np.testing.assert_allclose(pred(load_images(test, 32)), lp["probs"], atol=1e-3)
+
+
+def test_mask_border_paints_the_frame_without_zooming():
+    x = np.stack([framed(), framed(centre=(10, 200, 30))]).astype(np.float32)
+    out = sc.mask_border(x, 0.8)
+    assert out.shape == x.shape
+    np.testing.assert_array_equal(out[:, 4:36, 4:36], x[:, 4:36, 4:36])  # the centre is untouched: same scale
+    assert np.allclose(out[0], 128) and np.allclose(out[1, 0, 0], (10, 200, 30))  # frame = the centre's mean
+    np.testing.assert_array_equal(sc.mask_border(x, 1.0), x)
+    xb, table = _border_world()
+    res = sc.border_crop_scores(frame_detector, table, ["normal", "abnormal"], ["abnormal"], 40, keeps=(0.8,),
+                                n_boot=20, images=lambda k: sc.mask_border(xb, k))
+    assert res["0.8"]["abnormal_auc"] == 0.5

@@ -51,6 +51,25 @@ def crop_border(images, keep: float) -> np.ndarray:
     return out
 
 
+def mask_border(images, keep: float) -> np.ndarray:
+    """The control for :func:`crop_border`: same images, same scale, but everything outside the central
+    ``keep`` box painted with the mean colour of that box.  A crop also zooms in; a mask does not, so a
+    score that drops under both was earned on the border, not lost to the change of scale."""
+    keep = _check_keep(keep)
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"parameter 'images': expected an array (n, height, width, 3), got shape {arr.shape}")
+    out = arr.astype(np.float32, copy=True)
+    if keep == 1.0:
+        return out
+    n, h, w, _ = arr.shape
+    left, top, right, bottom = _box(w, h, keep)
+    inner = out[:, top:bottom, left:right].copy()
+    out[:] = inner.mean(axis=(1, 2), keepdims=True)
+    out[:, top:bottom, left:right] = inner
+    return out
+
+
 def load_cropped(table, image_size: int, keep: float) -> np.ndarray:
     """The rows of ``table`` decoded at full resolution, central ``keep`` crop, resized to ``image_size``:
     ``(n, image_size, image_size, 3)`` float32 0..255.  Cropping before resizing keeps the detail the

@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""Ablation of the image branch's fine-tuning on real cells (LBC, split grouped by source image), beside the
+linear probe, plus the border-crop shortcut check.  Results: build/benchmarks/finetune_lbc.json + .png
+
+Rows: the linear probe (frozen pooled features + logistic regression, C chosen on validation: lib.image.probe),
+the current regularized recipe (top blocks 6c-7a + head on cached activations, lib.image.cached_finetune),
+linear-probe-then-fine-tune (LP-FT, Kumar et al., ICLR 2022) and variants of it (LR schedule, augmented views,
+label smoothing, depth of unfreezing), and the head-only stage of LP-FT alone.  Every fine-tuned variant with the
+same cut reuses one set of cached frozen-bottom activations (same weights, same seeded augmentation draws).
+
+The recipe is chosen on the grouped VALIDATION split (macro-F1, then abnormal AUC); test is only reported,
+with group-bootstrap intervals (lib.image.image_model.score_probs) for every row.
+
+Border crop (lib.image.shortcuts): every model re-scores the test images with their borders cropped away
+(central 80 % and 70 % of each side kept, resized back), per class too; and, as the no-zoom control, with the
+border painted over in the centre's mean colour (``border_mask``).
+
+    .venv/bin/python benchmarks/bench_finetune_lbc.py --data-source PATH/TO/lbc/Resampled-pap-smear-images
+
+Default data source: <data root>/lbc/Resampled-pap-smear-images ($CERVICAL_KIT_DATA).  The run's split is
+written under build/benchmarks/finetune_lbc_run/ (its own build folder, never a notebook run's).  Target: the
+chosen fine-tuned row matches or beats the probe on test macro-F1 and abnormal AUC.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from lib import config  # the kit is installed editable (make venv)
+from lib.atomic import atomic_path, write_json
+
+OUT_DIR = config.build_dir() / "benchmarks"
+RESULTS = OUT_DIR / "finetune_lbc.json"
+FIGURE = OUT_DIR / "finetune_lbc.png"
+
+#: name -> (regularized_recipe keyword overrides, augmented views, stage): "lp_only" stops after the head stage
+LP = dict(linear_probe_epochs=40)
+VARIANTS = {
+    "current recipe (joint, lr 1e-4)": ({}, 3, "ft"),
+    "LP only (head on frozen features)": (LP, 3, "lp_only"),
+    "LP-FT (lr 3e-5)": ({**LP, "lr": 3e-5}, 3, "ft"),
+    "LP-FT (lr 1e-4, cosine)": ({**LP, "lr": 1e-4, "lr_schedule": "cosine"}, 3, "ft"),
+    "LP-FT (lr 3e-5, 6 views)": ({**LP, "lr": 3e-5}, 6, "ft"),
+    "LP-FT (lr 3e-5, label smoothing 0.1)": ({**LP, "lr": 3e-5, "label_smoothing": 0.1}, 3, "ft"),
+    "LP-FT (lr 3e-5, block 7a only)": ({**LP, "lr": 3e-5, "unfreeze_from": "block7a"}, 3, "ft"),
+}
+
+#: below the current recipe and LP-FT on validation macro-F1 in the first round (one seed, all variants:
+#: cosine 0.955, label smoothing 0.936 vs 0.967 / 0.952): skipped unless --all
+RULED_OUT = ("LP-FT (lr 1e-4, cosine)", "LP-FT (lr 3e-5, label smoothing 0.1)")
+
+
+def machine() -> dict:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+
+
+def row_of(ev: dict) -> dict:
+    auc = (ev["binary"] or {}).get("auc", {})
+    return {"macro_f1": ev["macro_f1"], "macro_f1_low": ev["macro_f1_ci"]["ci_low"],
+            "macro_f1_high": ev["macro_f1_ci"]["ci_high"], "abnormal_auc": auc.get("value"),
+            "auc_low": auc.get("ci_low"), "auc_high": auc.get("ci_high"), "accuracy": ev["accuracy"],
+            "recall": {c: float(ev["per_class"][c]["recall"]) for c in ev["classes"]}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-source", default=str(config.data_root() / "lbc" / "Resampled-pap-smear-images"))
+    ap.add_argument("--build", default=str(OUT_DIR / "finetune_lbc_run"), help="build folder of the run's split")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--probe-size", type=int, action="append", default=None,
+                    help="extra linear-probe rows at these sizes (default: 224)")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--keeps", default="1,0.8,0.7", help="border crop: central fractions kept")
+    ap.add_argument("--recipe-seeds", type=int, nargs="*", default=[43, 44],
+                    help="fine-tuned variants are repeated with these recipe seeds too (same split, same views)")
+    ap.add_argument("--only", action="append", default=None, help="run only these variants (names as listed)")
+    ap.add_argument("--all", action="store_true", help="also the variants the first round ruled out on validation")
+    args = ap.parse_args(argv)
+
+    import keras
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from lib.image import cached_finetune as cf
+    from lib.image import features, image_model, probe, shortcuts
+    from lib.run import Run
+
+    info = machine()
+    t_all = time.perf_counter()
+    run = Run.open("full", data_source=args.data_source, dataset="lbc", build=args.build, image_size=args.image_size,
+                   epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    P = run.params
+    size, bs, seed = P["image_size"], P["batch_size"], P["seed"]
+    config.seed_everything(seed)
+    train_t, val_t, test_t = (run.split(s) for s in ("train", "val", "test"))
+    classes, abnormal = run.classes, run.abnormal_classes
+    gw = f"{run.dataset.group_word}s"
+    keeps = [float(k) for k in args.keeps.split(",")]
+    print(f"LBC: train/val/test = {len(train_t)}/{len(val_t)}/{len(test_t)} images, "
+          f"{test_t['group'].nunique()} test groups; {P['backbone']} at {size} px; load {info['load_avg_1m_at_start']}")
+
+    def score(probs, table):
+        return image_model.score_probs(probs, table, classes, abnormal, n_boot=args.n_boot, seed=seed, group_word=gw)
+
+    crop_cache = {}
+
+    def cropped(k):
+        if k not in crop_cache:
+            crop_cache[k] = shortcuts.load_cropped(test_t, size, k)
+        return crop_cache[k]
+
+    masked = lambda k: shortcuts.mask_border(cropped(1.0), k)  # noqa: E731 - the no-zoom control
+    mask_keeps = [k for k in keeps if k < 1.0]
+    rows, crops, masks = {}, {}, {}
+
+    # ------------------------------------------------------------------ linear probe rows
+    for psize in [size] + (args.probe_size if args.probe_size is not None else [224]):
+        t0 = time.perf_counter()
+        LPR = probe.linear_probe(run.table, P["backbone"], psize, P["weights"], seed=seed, batch_size=bs)
+        feats = features.extract_features(run.table, P["backbone"], psize, P["weights"], batch_size=bs,
+                                          progress=False, seed=seed)  # the probe's own cached features
+        part = {s: (run.table["split"] == s).to_numpy() for s in ("train", "val", "test")}
+        y = run.table["label_idx"].to_numpy()
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=LPR["C"], max_iter=3000, class_weight="balanced",
+                                                                 random_state=seed)).fit(feats[part["train"]],
+                                                                                         y[part["train"]])
+        fm = features.feature_model(P["backbone"], psize, P["weights"], seed)
+        pred = shortcuts.probe_predictor(fm, clf, len(classes), bs)
+        val_probs = np.zeros((part["val"].sum(), len(classes)))
+        val_probs[:, clf.classes_] = clf.predict_proba(feats[part["val"]])
+        name = f"linear probe ({psize} px)"
+        secs = time.perf_counter() - t0
+        rows[name] = {"kind": "probe", "image_size": psize, "C": LPR["C"], "seconds": round(secs, 1),
+                      "val": row_of(score(val_probs, val_t)), "test": row_of(score(LPR["probs"], test_t))}
+        if psize == size:
+            assert np.allclose(pred(cropped(1.0)), LPR["probs"], atol=1e-3), "probe predictor != linear_probe"
+            crops[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, keeps, n_boot=args.n_boot,
+                                                       seed=seed, group_word=gw, images=cropped)
+            masks[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, mask_keeps,
+                                                       n_boot=args.n_boot, seed=seed, group_word=gw, images=masked)
+        print(f"{name}: C={LPR['C']}, val macro-F1 {rows[name]['val']['macro_f1']:.3f}, "
+              f"test {rows[name]['test']['macro_f1']:.3f} / AUC {rows[name]['test']['abnormal_auc']:.3f} ({secs:.0f} s)",
+              flush=True)
+        del fm
+
+    # ------------------------------------------------------------------ fine-tuned variants
+    acts = {}  # (unfreeze_from) -> cached activations with the most views any variant of that cut needs
+    wanted = {n: v for n, v in VARIANTS.items() if (not args.only or n in args.only)
+              and (args.all or args.only or n not in RULED_OUT)}
+    from lib.image.input_pipeline import load_images
+
+    val_images = load_images(val_t, size)
+    recipe_seeds = [seed] + [s for s in (args.recipe_seeds or []) if s != seed]
+    for name, (kw, views, stage) in wanted.items():
+        cut_key = kw.get("unfreeze_from", image_model.UNFREEZE_FROM)
+        by_seed = []
+        for rs in recipe_seeds:  # the views stay the main seed's: other seeds vary the head's start and the order
+            keras.backend.clear_session()
+            config.seed_everything(rs)
+            t0 = time.perf_counter()
+            recipe = image_model.regularized_recipe(len(classes), P["backbone"], size, P["weights"], seed=rs,
+                                                    train_labels=train_t["label_idx"], dropout=0.3, **kw)
+            need = max(v for n, (k2, v, _) in wanted.items()
+                       if k2.get("unfreeze_from", image_model.UNFREEZE_FROM) == cut_key)
+            if cut_key not in acts:
+                acts[cut_key] = cf.cache_activations(recipe, train_t, val_t, size, bs, need, progress=False)
+                print(f"  cached {need} view(s) at the cut {acts[cut_key]['cut_layer']} in "
+                      f"{acts[cut_key]['cache_seconds']:.0f} s", flush=True)
+            a = acts[cut_key]
+            if stage == "lp_only":
+                y = train_t["label_idx"].to_numpy().astype(np.int32)
+                cw = recipe.class_weight
+                sw = None if cw is None else np.asarray([cw[int(c)] for c in y], np.float32)
+                hist = cf.linear_probe_stage(recipe, a["train"][:views], y, a["val"],
+                                             val_t["label_idx"].to_numpy().astype(np.int32), bs, sw, rs)
+            else:
+                hist = cf.fit_top(recipe, train_t, val_t, size, bs, P["epochs"], views=views, seed=rs, log=False,
+                                  progress=False, activations=a)
+            fit_s = time.perf_counter() - t0
+            pred = shortcuts.keras_predictor(recipe.model, bs)
+            ev_val, ev_test = score(pred(val_images), val_t), score(pred(cropped(1.0)), test_t)
+            by_seed.append({"seed": rs, "val_macro_f1": ev_val["macro_f1"],
+                            "val_auc": (ev_val["binary"] or {}).get("auc", {}).get("value"),
+                            "test_macro_f1": ev_test["macro_f1"],
+                            "test_auc": (ev_test["binary"] or {}).get("auc", {}).get("value"),
+                            "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
+                            "fit_seconds": round(fit_s, 1)})
+            print(f"  {name}, seed {rs}: val macro-F1 {ev_val['macro_f1']:.3f}, test {ev_test['macro_f1']:.3f}; "
+                  f"{hist['epochs_run']} epochs (best {hist['best_epoch']}), {fit_s:.0f} s", flush=True)
+            if rs != seed:
+                continue
+            rows[name] = {"kind": stage, "image_size": size, "views": views, "options": dict(kw),
+                          "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
+                          "linear_probe_epochs_run": (hist.get("linear_probe") or {}).get("epochs_run"),
+                          "fit_seconds": round(fit_s, 1), "cache_seconds_shared": a["cache_seconds"],
+                          "val": row_of(ev_val), "test": row_of(ev_test)}
+            crops[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, keeps,
+                                                       n_boot=args.n_boot, seed=seed, group_word=gw, images=cropped)
+            masks[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, mask_keeps,
+                                                       n_boot=args.n_boot, seed=seed, group_word=gw, images=masked)
+
+            def tta(x, pred=pred):  # test-time augmentation: mean of the image and its mirror images
+                return (pred(x) + pred(x[:, :, ::-1]) + pred(x[:, ::-1])) / 3
+
+            rows[name]["tta_flips"] = {"val": row_of(score(tta(val_images), val_t)),
+                                       "test": row_of(score(tta(cropped(1.0)), test_t))}
+        r = rows[name]
+        r["by_seed"] = by_seed
+        for part in ("val", "test"):
+            v = [b[f"{part}_macro_f1"] for b in by_seed]
+            r[f"{part}_macro_f1_mean"] = float(np.mean(v))
+            r[f"{part}_macro_f1_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        print(f"{name}: val macro-F1 {r['val']['macro_f1']:.3f} AUC {r['val']['abnormal_auc']:.4f}; test macro-F1 "
+              f"{r['test']['macro_f1']:.3f} [{r['test']['macro_f1_low']:.3f}, {r['test']['macro_f1_high']:.3f}] "
+              f"AUC {r['test']['abnormal_auc']:.4f}; over {len(by_seed)} seed(s) val {r['val_macro_f1_mean']:.3f}, "
+              f"test {r['test_macro_f1_mean']:.3f} +- {r['test_macro_f1_sd']:.3f}", flush=True)
+
+    # ------------------------------------------------------------------ choice on validation, never test
+    tuned = [n for n, r in rows.items() if r["kind"] == "ft"]
+    key = lambda n: (round(rows[n]["val_macro_f1_mean"], 4), rows[n]["val"]["abnormal_auc"] or 0)  # noqa: E731
+    chosen = max(tuned, key=key) if tuned else None
+    probe_name = f"linear probe ({size} px)"
+    verdict = None
+    if chosen:
+        c, p = rows[chosen]["test"], rows[probe_name]["test"]
+        verdict = {"chosen_on_validation": chosen, "probe": probe_name,
+                   "test_d_macro_f1": c["macro_f1"] - p["macro_f1"], "test_d_auc": c["abnormal_auc"] - p["abnormal_auc"],
+                   "val_d_macro_f1": rows[chosen]["val"]["macro_f1"] - rows[probe_name]["val"]["macro_f1"],
+                   "matches_or_beats_probe": bool(c["macro_f1"] >= p["macro_f1"] and c["abnormal_auc"] >= p["abnormal_auc"])}
+    some = next(iter(crops.values()))
+    out = {"machine": info, "dataset": run.dataset.name, "image_size": size, "epochs": P["epochs"],
+           "batch_size": bs, "seed": seed, "n": {"train": len(train_t), "val": len(val_t), "test": len(test_t),
+                                                 "test_groups": int(test_t["group"].nunique())},
+           "interval_method": some["1"]["interval_method"] if "1" in some else None,
+           "selection": "grouped validation split: macro-F1 averaged over recipe seeds, then abnormal AUC (test never "
+                        "used to choose)", "recipe_seeds": recipe_seeds,
+           "rows": rows, "verdict": verdict, "border_crop": crops, "border_mask": masks, "keeps": keeps,
+           "total_seconds": round(time.perf_counter() - t_all, 1)}
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS, out)
+    plot(out)
+    print(f"chosen on validation: {chosen}; verdict {verdict}")
+    print(f"wrote {RESULTS.relative_to(ROOT) if RESULTS.is_relative_to(ROOT) else RESULTS.name} and the figure "
+          f"({out['total_seconds']:.0f} s)")
+    return 0
+
+
+def plot(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = out["rows"]
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 0.5 * len(names) + 2.5),
+                             gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    chosen = (out.get("verdict") or {}).get("chosen_on_validation")
+    ypos = np.arange(len(names))[::-1]
+    for ax, (metric, lo, hi, label) in zip(axes[:2], [("macro_f1", "macro_f1_low", "macro_f1_high", "test macro-F1"),
+                                                      ("abnormal_auc", "auc_low", "auc_high", "test abnormal AUC")]):
+        for y, n in zip(ypos, names):
+            t = rows[n]["test"]
+            color = "C1" if rows[n]["kind"] == "probe" else ("C2" if n == chosen else "C0")
+            ax.errorbar(t[metric], y, xerr=[[t[metric] - t[lo]], [t[hi] - t[metric]]], fmt="o", color=color, capsize=3)
+            ax.plot(rows[n]["val"][metric], y, "x", color="grey")
+        ax.set_yticks(ypos, names if ax is axes[0] else [""] * len(names))
+        ax.set(xlabel=label + " (o, 95% group bootstrap) / validation (x)")
+    axes[0].set_title(f"LBC, grouped by source image, {out['image_size']} px; green: chosen on validation", fontsize=9)
+    ax = axes[2]
+    for i, (n, by_keep) in enumerate(out["border_crop"].items()):
+        ks = [r["keep"] for r in by_keep.values()]
+        ax.plot(ks, [r["macro_f1"] for r in by_keep.values()], "-o", ms=3, label=n, color=f"C{i % 10}")
+    ax.set(xlabel="central fraction of each side kept at test time", ylabel="test macro-F1",
+           title="Border crop: how much of the score survives")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(FIGURE) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
