@@ -318,7 +318,9 @@ def test_missing_notebooks_are_named(tmp_path, monkeypatch):
 def test_stage_marks_synthetic_notebooks_and_curates_the_headline(tmp_path, monkeypatch):
     monkeypatch.setenv(config.ENV_BUILD, str(tmp_path / "build"))
     _make_run(tmp_path / "build")
-    write_json(config.metrics_dir("smoke") / "04_tabular_mlp.json", {"synthetic": False, "headline": {"auc_mlp": 0.6612, "noise": 1}})
+    write_json(config.metrics_dir("smoke") / "04_tabular_mlp.json", {"synthetic": False, "headline": {
+        "auc_mlp": 0.6612, "auc_mlp_ci_low": 0.6, "auc_mlp_ci_high": 0.7, "auc_mlp_leaky": 0.95,
+        "published_anchor_auc": 0.69, "noise": 1}})
     staged = site.stage("smoke", tmp_path / "stage")
     assert [p.stem for p in staged] == NOTEBOOKS
     first = json.loads(staged[0].read_text())
@@ -326,7 +328,9 @@ def test_stage_marks_synthetic_notebooks_and_curates_the_headline(tmp_path, monk
     assert "SYNTHETIC DATA" not in staged[1].read_text()  # 04 used the real UCI table
     assert all(c.get("id") for c in first["cells"])  # ids: the checklist links to cells
     head = (tmp_path / "stage" / "_headline.md").read_text()
-    assert "| 04_tabular_mlp | real | AUC, tabular MLP (repeated CV) | 0.661 |" in head and "noise" not in head
+    assert ("| 04_tabular_mlp | real | leaking columns inflate every model (repeated CV, same folds) | "
+            "honest MLP AUC 0.661 [0.600, 0.700] -> with screening columns 0.950 (published anchor 0.690) |") in head
+    assert "noise" not in head
     assert "| 06_gradcam |" not in head  # no curated key recorded: no row
 
 

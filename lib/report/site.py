@@ -55,27 +55,6 @@ CLINICAL_NOTE = (
     "multimodal result is made and where it misleads, not to screen anyone.</div>"
 )
 
-# The index page's results table: per notebook, the few numbers that carry its lesson, in order.
-# (Each notebook's JSON holds many more; its own page shows them.)
-HEADLINE = {
-    "01_eda": [("images", "images used"), ("cluster_images", "cluster images (groups)"),
-               ("groups", "groups (cluster or source images)"),
-               ("biopsy_prevalence", "Biopsy prevalence (UCI)"), ("best_leaky_column_auc", "AUC of the best leaking screening column alone")],
-    "02_overfitting_baseline": [("train_acc", "naive recipe: train accuracy"), ("val_acc", "naive recipe: validation accuracy"),
-                                ("gap", "naive recipe: train-validation gap")],
-    "03_image_branch": [("macro_f1", "macro-F1 over the classes (test)"), ("accuracy", "accuracy (test)"),
-                        ("abnormal_auc", "abnormal-vs-rest AUC (test)"), ("gap_naive", "train-validation gap, naive"),
-                        ("gap_regularized", "train-validation gap, regularized")],
-    "04_tabular_mlp": [("auc_mlp", "AUC, tabular MLP (repeated CV)"), ("auc_logreg", "AUC, logistic regression"),
-                       ("auc_rf", "AUC, random forest"), ("auc_mlp_leaky", "AUC, MLP WITH leaking screening columns"),
-                       ("published_anchor_auc", "published honest anchor (Fernandes et al. 2018)")],
-    "05_late_fusion": [("auc_image_only", "AUC, image only"), ("auc_tabular_only", "AUC, tabular only"),
-                       ("auc_fused", "AUC, fused (label-conditioned pairing)"), ("auc_shuffled", "AUC, fused (shuffled pairing)"),
-                       ("auc_attention", "AUC, attention-weighted fusion")],
-    "06_gradcam": [("tape_vs_tfkv_spearman", "Grad-CAM: lib vs tf-keras-vis (Spearman)"),
-                   ("trained_vs_random_spearman", "Grad-CAM: trained vs randomised top (Spearman)")],
-}
-
 # packages whose versions the run summary lists (distribution names; absent ones say so)
 KEY_PACKAGES = ["tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "scikit-learn", "scipy", "matplotlib",
                 "seaborn", "tf-keras-vis", "pillow", "papermill", "nbconvert", "nbval", "jupyterlab",
@@ -156,23 +135,93 @@ def _records_table(records, columns=None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _iv(v, lo=None, hi=None) -> str:
+    """A value with its interval, ``0.812 [0.70, 0.90]``; the value alone when no interval was recorded."""
+    return _fmt(v) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
+
+
+# What each notebook teaches, and the recorded numbers (with intervals) that show it: the index page leads
+# with these. Each function reads one notebook's metrics record; a missing key drops the row, never a guess.
+LESSONS = {
+    "01_eda": [
+        ("images are split by group, never one by one",
+         lambda m, h: f"{h['images']} images in {h['groups']} groups"),
+        ("the positive class is rare: accuracy is the wrong headline",
+         lambda m, h: f"Biopsy prevalence {h['biopsy_prevalence']:.1%}"),
+        ("screening columns leak the label", lambda m, h: f"best leaking column alone: AUC {_fmt(h['best_leaky_column_auc'])}"),
+    ],
+    "02_overfitting_baseline": [
+        ("fine-tuning everything fits the training images, not new ones",
+         lambda m, h: f"peak training accuracy {_fmt(h['peak_train_acc'])} vs best validation {_fmt(h['best_val_acc'])}"),
+        ("what the gap is made of, measured", lambda m, h: {
+            "memorisation": "memorisation (training images fit in inference mode too)",
+            "batchnorm_collapse": "BatchNorm collapse (training images score far lower in inference mode)",
+            "underfit": "neither: the network did not fit its training images"}[h["mechanism"]]
+         + f"; training images in inference mode {_fmt(h['train_acc_inference_mode'])}"),
+    ],
+    "03_image_branch": [
+        ("regularization narrows the gap (same training images, inference mode)",
+         lambda m, h: f"naive {_fmt(h['gap_naive_same_images'])} -> regularized {_fmt(h['gap_regularized_same_images'])}"),
+        ("fine-tuning has to beat a linear probe: test macro-F1, 95% CI over groups",
+         lambda m, h: f"fine-tuned {_iv(h['macro_f1'], h.get('macro_f1_low'), h.get('macro_f1_high'))} vs linear probe "
+                      + _iv(h["probe_macro_f1"], *(lambda c: (c.get("ci_low"), c.get("ci_high")))(
+                          (m.get("linear_probe") or {}).get("macro_f1_ci") or {}))),
+        ("abnormal-vs-rest AUC (test)",
+         lambda m, h: f"fine-tuned {_iv(h['abnormal_auc'], *_auc_ci(m.get('evaluation')))} vs linear probe "
+                      f"{_iv(h['probe_abnormal_auc'], *_auc_ci(m.get('linear_probe')))}"),
+    ],
+    "04_tabular_mlp": [
+        ("leaking columns inflate every model (repeated CV, same folds)",
+         lambda m, h: f"honest MLP AUC {_iv(h['auc_mlp'], h.get('auc_mlp_ci_low'), h.get('auc_mlp_ci_high'))} -> "
+                      f"with screening columns {_fmt(h['auc_mlp_leaky'])} (published anchor {_fmt(h['published_anchor_auc'])})"),
+    ],
+    "05_late_fusion": [
+        ("the pairing manufactures what risk factors 'know' about a cell image",
+         lambda m, h: f"tabular side, label-conditioned {_fmt(h['tabular_only'])} vs shuffled "
+                      f"{_fmt(h['tabular_only_shuffled'])}: {h['tabular_information_manufactured']:+.3f} AUC made by the pairing"),
+        ("intervals must resample image groups and UCI records (tabular-only AUC, 95%)",
+         lambda m, h: f"honest two-way {_iv(h['auc_tabular_only'], *h['tabular_only_ci_grouped'])} vs naive "
+                      f"{_iv(h['auc_tabular_only'], *h['tabular_only_ci_naive'])}"),
+        ("the fusion gain over the shuffled control (honest risk factors)",
+         lambda m, h: f"{h['fusion_gain']:+.3f} AUC (image only {_fmt(h['auc_image_only'])})"),
+    ],
+    "06_gradcam": [
+        ("our Grad-CAM matches the reference implementation",
+         lambda m, h: f"Spearman vs tf-keras-vis {_fmt(h['tape_vs_tfkv_spearman'])}"),
+        ("the maps depend on what the model learned",
+         lambda m, h: f"trained vs randomised top: Spearman {_fmt(h['trained_vs_random_spearman'])}"),
+        ("where the evidence sits: share of map mass on the image border",
+         lambda m, h: f"{_fmt(h['border_share'])}"),
+    ],
+}
+
+
+def _auc_ci(evaluation) -> tuple:
+    auc = ((evaluation or {}).get("binary") or {}).get("auc") or {}
+    return auc.get("ci_low"), auc.get("ci_high")
+
+
 def headline_markdown(profile: str) -> str:
-    """The index page's results table, read from ``build/<profile>/metrics/*.json``."""
+    """The index page's lessons table, read from ``build/<profile>/metrics/*.json``."""
     files = metrics_files(profile)
     if not files:
         return f"*No results yet for profile `{profile}`: run `make report PROFILE={profile}`.*\n"
-    rows = ["| notebook | data | result | value |", "|---|---|---|---|"]
+    rows = ["| notebook | data | what it teaches | evidence from this run |", "|---|---|---|---|"]
     for path in files:
         m = _read(path)
         data = "synthetic stand-in" if m.get("synthetic") else "real"
         headline = m.get("headline", {}) if isinstance(m.get("headline"), dict) else {}
-        for key, label in HEADLINE.get(path.stem, [(k, k) for k in list(headline)[:6]]):
-            if key in headline:
-                rows.append(f"| {path.stem} | {data} | {label} | {_fmt(headline[key])} |")
+        for lesson, show in LESSONS.get(path.stem, []):
+            try:
+                evidence = show(m, headline)
+            except (KeyError, TypeError, ValueError):
+                continue  # not recorded by this run: no row rather than a guess
+            rows.append(f"| {path.stem} | {data} | {lesson} | {evidence} |")
     where = config.metrics_dir(profile)
     where = where.relative_to(config.ROOT).as_posix() if where.is_relative_to(config.ROOT) else f"build/{profile}/metrics"
     return (f"Profile **{profile}**; every number is read from the metrics JSON its notebook wrote "
-            f"(`{where}/`).\n\n" + "\n".join(rows) + "\n")
+            f"(`{where}/`); brackets are 95% intervals, computed as each notebook's page says.\n\n"
+            + "\n".join(rows) + "\n")
 
 
 # --------------------------------------------------------------------------- model card (Mitchell et al. 2019)
