@@ -88,7 +88,13 @@ def main(argv=None) -> int:
                     help="fine-tuned variants are repeated with these recipe seeds too (same split, same views)")
     ap.add_argument("--only", action="append", default=None, help="run only these variants (names as listed)")
     ap.add_argument("--all", action="store_true", help="also the variants the first round ruled out on validation")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figure from the JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        from lib.atomic import read_json
+
+        plot(read_json(RESULTS))
+        return 0
 
     import keras
     import numpy as np
@@ -285,10 +291,14 @@ def plot(out: dict) -> None:
     axes[0].set_title(f"LBC, grouped by source image, {out['image_size']} px; green: chosen on validation", fontsize=9)
     ax = axes[2]
     for i, (n, by_keep) in enumerate(out["border_crop"].items()):
+        by_keep = dict(sorted(by_keep.items(), key=lambda kv: -kv[1]["keep"]))
         ks = [r["keep"] for r in by_keep.values()]
         ax.plot(ks, [r["macro_f1"] for r in by_keep.values()], "-o", ms=3, label=n, color=f"C{i % 10}")
+        mask = {**{k: v for k, v in by_keep.items() if v["keep"] == 1.0}, **out.get("border_mask", {}).get(n, {})}
+        if len(mask) > 1:
+            ax.plot([r["keep"] for r in mask.values()], [r["macro_f1"] for r in mask.values()], ":", color=f"C{i % 10}")
     ax.set(xlabel="central fraction of each side kept at test time", ylabel="test macro-F1",
-           title="Border crop: how much of the score survives")
+           title="Borders cropped (solid) or painted over (dotted) at test time")
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()

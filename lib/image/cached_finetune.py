@@ -18,6 +18,11 @@ What differs from end-to-end ``fit``: augmentation is drawn ``views`` times per 
 in one of its views (a seeded random choice per image and epoch).  Dropout, frozen BatchNorm,
 class weights, Adam and early stopping on validation accuracy with best weights restored are as
 in :func:`lib.image.image_model.regularized_recipe`.  Validation images are not augmented.
+
+Options of the recipe read here (``recipe.settings``): ``linear_probe_epochs`` > 0 first trains the
+head alone on pooled features of the cached views through the still-frozen top blocks (cheap: no
+convolution is trained), then fine-tunes top blocks + head (linear-probe-then-fine-tune, Kumar et al.,
+ICLR 2022); ``lr_schedule`` (constant or cosine) and ``label_smoothing`` apply to the fine-tuning.
 """
 from __future__ import annotations
 
