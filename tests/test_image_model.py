@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lib import config
 from lib.image import image_model as im
 
 SIZE = 32  # smallest size the backbones accept: keeps these tests to seconds
@@ -25,14 +26,12 @@ def test_gap_uses_restored_epoch_or_last():
 
 
 def test_naive_settings_come_from_the_profile():
-    from lib import config
+    """The naive recipe's epochs and subset are profile knobs of lib.config, overridable like any other."""
+    assert {k: config.run_params("smoke")[k] for k in ("naive_epochs", "naive_train_images")} == {
+        "naive_epochs": 8, "naive_train_images": None}
+    assert config.run_params("full")["naive_train_images"] == 500
+    assert config.run_params("full", naive_epochs=3)["naive_epochs"] == 3
 
-    assert im.naive_settings(config.run_params("smoke")) == {"naive_epochs": 8, "naive_train_images": None}
-    assert im.naive_settings({"profile": "full"}) == {"naive_epochs": 6, "naive_train_images": 500}
-    assert im.naive_settings({"profile": "full", "naive_epochs": 3})["naive_epochs"] == 3
-
-
-@pytest.fixture(scope="module")
 def classifier():
     return im.build_image_classifier(4, "efficientnet_lite0", SIZE, weights=None, seed=1)
 

@@ -39,7 +39,6 @@ UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c
 # Naive-recipe settings per profile, used when config.PROFILES has no ``naive_epochs`` /
 # ``naive_train_images``.  Full fine-tuning costs ~7x top-block training on cached activations, so in the full
 # profile the naive run trains on a stratified subset of the training split (documented in notebook 02).
-NAIVE_KEYS = ("naive_epochs", "naive_train_images")  # defaults live in lib.config.PROFILES
 
 
 # --------------------------------------------------------------------------- building
@@ -251,14 +250,6 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
         linear_probe_epochs=int(linear_probe_epochs), linear_probe_lr=float(linear_probe_lr),
         linear_probe_patience=int(linear_probe_patience), lr_schedule=lr_schedule,
         label_smoothing=float(label_smoothing)))
-
-
-def naive_settings(params: dict) -> dict:
-    """``naive_epochs`` and ``naive_train_images`` from run params (profile defaults in :mod:`lib.config`)."""
-    from lib import config
-
-    defaults = config.PROFILES[params.get("profile", "full")]
-    return {k: params[k] if params.get(k) is not None else defaults[k] for k in NAIVE_KEYS}
 
 
 def stratified_subset(table, n: int | None, seed: int = 42):
