@@ -1004,7 +1004,8 @@ def model_card(*, synthetic: bool, image_source: str, uci_summary: dict, pairing
         "data_sources": {
             "images": {"source": image_source, "synthetic": bool(synthetic),
                        "note": ("SYNTHETIC procedurally drawn stand-in in the SIPaKMeD layout: nothing here says "
-                                "anything about real Pap smears") if synthetic else "SIPaKMeD cropped cells"},
+                                "anything about real Pap smears") if synthetic
+                       else f"real images: {image_source}"},
             "tabular": {"name": "UCI Cervical cancer (Risk Factors), dataset 383",
                         "file": Path(str(uci_summary.get("path", ""))).name,
                         "sha256": uci_summary.get("sha256"),
