@@ -220,3 +220,12 @@ def test_cosine_schedule_decays_to_zero_over_the_fine_tuning_steps():
 def test_regularized_recipe_refuses_bad_options_before_building(kw, name):
     with pytest.raises(ValueError, match=f"'{name}'"):
         im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights=None, **kw)
+
+
+@pytest.mark.slow
+def test_default_recipe_is_lp_ft_at_the_lower_rate_and_explicit_settings_win():
+    r = _lp_recipe()
+    assert r.settings["linear_probe_epochs"] == im.LINEAR_PROBE_EPOCHS > 0 and r.lr == im.LP_FT_LEARNING_RATE
+    joint = _lp_recipe(linear_probe_epochs=0)
+    assert joint.settings["linear_probe_epochs"] == 0 and joint.lr == im.LEARNING_RATE
+    assert _lp_recipe(lr=5e-4).lr == 5e-4

@@ -33,7 +33,7 @@ import numpy as np
 
 from lib.image.input_pipeline import make_dataset
 
-DEFAULT_VIEWS = 3
+DEFAULT_VIEWS = 6  # lib.config.PROFILES augmented_views: chosen on LBC validation (benchmarks/bench_finetune_lbc.py)
 
 
 def split_model(model):
