@@ -297,7 +297,8 @@ def plot(out: dict) -> None:
         ax.plot(ks, [r["macro_f1"] for r in by_keep.values()], "-o", ms=3, label=n, color=f"C{i % 10}")
         mask = {**{k: v for k, v in by_keep.items() if v["keep"] == 1.0}, **out.get("border_mask", {}).get(n, {})}
         if len(mask) > 1:
-            ax.plot([r["keep"] for r in mask.values()], [r["macro_f1"] for r in mask.values()], ":", color=f"C{i % 10}")
+            pts = sorted(((r["keep"], r["macro_f1"]) for r in mask.values()), reverse=True)
+            ax.plot(*zip(*pts), ":", color=f"C{i % 10}")
     ax.set(xlabel="central fraction of each side kept at test time", ylabel="test macro-F1",
            title="Borders cropped (solid) or painted over (dotted) at test time")
     ax.invert_xaxis()
