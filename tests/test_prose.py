@@ -88,6 +88,7 @@ def constant_field(relpath: str, field: str):
 
 def _learning_rates():
     return {constant("image/image_model.py", "LEARNING_RATE"), constant("image/image_model.py", "NAIVE_LEARNING_RATE"),
+            constant("image/image_model.py", "LINEAR_PROBE_LR"), constant("image/image_model.py", "LP_FT_LEARNING_RATE"),
             constant("fusion/hybrid.py", "LEARNING_RATE"), default("tabular/mlp.py", "build_mlp", "lr")}
 
 
@@ -143,7 +144,7 @@ STRUCTURAL = [
     ("feature grid",
      r"(?P<a>\d+)x(?P<b>\d+) at (?:the `(?P<p1>\w+)` profile's )?(?P<size>\d+) px(?: \(the `(?P<p2>\w+)` profile\))?",
      "grid = image_size / 32 of a profile", _grid),
-    ("learning rate", r"(?:Adam(?: at)?(?: lr)?|learning rate) (?P<v>1e-\d)\b", "the recipes' learning rates",
+    ("learning rate", r"(?:Adam(?: at)?(?: lr)?|learning rate) (?P<v>\de-\d)\b", "the recipes' learning rates",
      lambda m: float(m["v"]) in _learning_rates()),
     ("dropout", r"dropout (?P<v>0\.\d+)\b", "the recipes' dropout rate", lambda m: float(m["v"]) in _dropouts()),
     ("specificity target", r"(?P<v>\d+)% specificity", "the fixed specificity of every report",
