@@ -32,6 +32,8 @@ def test_naive_settings_come_from_the_profile():
     assert config.run_params("full")["naive_train_images"] == 500
     assert config.run_params("full", naive_epochs=3)["naive_epochs"] == 3
 
+
+@pytest.fixture(scope="module")
 def classifier():
     return im.build_image_classifier(4, "efficientnet_lite0", SIZE, weights=None, seed=1)
 
