@@ -347,6 +347,9 @@ def test_browser_upload_fill_submit_and_a_bad_file(world, tmp_path):
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            # CI machines are shared 2-core boxes: an upload can take tens of seconds under load
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
             page.on("request", lambda req: hosts.add(urlparse(req.url).hostname)
                     if urlparse(req.url).scheme in ("http", "https", "ws", "wss") else None)  # data:/blob: are local
             page.goto(world["url"], wait_until="networkidle")
@@ -354,21 +357,21 @@ def test_browser_upload_fill_submit_and_a_bad_file(world, tmp_path):
             expect(page.get_by_text("SYNTHETIC DATA.").first).to_be_visible()
             expect(page.locator("#gallery img").first).to_be_visible()
             page.locator("#image-input input[type=file]").set_input_files(str(world["cell"]))
-            expect(page.locator("#image-input").get_by_text(world["cell"].name)).to_be_visible(timeout=20_000)
+            expect(page.locator("#image-input").get_by_text(world["cell"].name)).to_be_visible(timeout=60_000)
             page.get_by_label("Age (years)").fill("35")
             page.get_by_label("Num of pregnancies (count)").fill("2")
             page.locator("#btn-fused").click()
             expect(page.locator("#fused-risk")).to_contain_text("Fused risk (image + risk factors):", timeout=60_000)
             expect(page.locator("#fused-risk")).to_contain_text("share no patients")
             expect(page.locator("#image-risk")).to_contain_text("Image-only risk:")
-            expect(page.locator("#gradcam img")).to_be_visible(timeout=20_000)
+            expect(page.locator("#gradcam img")).to_be_visible(timeout=60_000)
             page.wait_for_function("() => (document.querySelector('#gradcam img') || {}).naturalWidth >= 256",
-                                   timeout=20_000)  # the overlay PNG itself, upscaled
+                                   timeout=60_000)  # the overlay PNG itself, upscaled
             page.screenshot(path=str(SHOTS / "app_fused.png"), full_page=True)
 
             page.locator("#image-input button[aria-label='Clear']").first.click()
             page.locator("#image-input input[type=file]").set_input_files(str(bad))
-            expect(page.locator("#image-input").get_by_text(bad.name)).to_be_visible(timeout=20_000)
+            expect(page.locator("#image-input").get_by_text(bad.name)).to_be_visible(timeout=60_000)
             page.locator("#btn-image").click()
             expect(page.locator("#status")).to_contain_text("Cannot score this input", timeout=60_000)
             expect(page.locator("#status")).to_contain_text("report.png")
@@ -377,7 +380,7 @@ def test_browser_upload_fill_submit_and_a_bad_file(world, tmp_path):
             page.screenshot(path=str(SHOTS / "app_bad_file.png"), full_page=True)
 
             page.locator("#gallery img").first.click()  # a test image from the gallery replaces the upload
-            expect(page.locator("#image-input").get_by_text(".bmp")).to_be_visible(timeout=20_000)
+            expect(page.locator("#image-input").get_by_text(".bmp")).to_be_visible(timeout=60_000)
             page.locator("#btn-image").click()
             expect(page.locator("#image-risk")).to_contain_text("Image-only risk:", timeout=60_000)
             page.screenshot(path=str(SHOTS / "app_gallery_pick.png"), full_page=True)
