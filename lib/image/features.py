@@ -76,7 +76,7 @@ def feature_model(backbone: str = "efficientnet_lite0", image_size: int = 224, w
         keras.utils.set_random_seed(seed)
     base = backbones.build_backbone(backbone, image_size, weights=weights)
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
-    model = keras.Model(base.inputs, pooled, name=f"{backbone}_features")
+    model = keras.Model(base.input, pooled, name=f"{backbone}_features")  # one input, not a list: no structure warning
     model.trainable = False
     return model
 

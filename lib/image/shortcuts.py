@@ -98,9 +98,10 @@ def load_cropped(table, image_size: int, keep: float) -> np.ndarray:
 def keras_predictor(model, batch_size: int = 32):
     """``images -> class probabilities`` of a Keras image model in inference mode (no augmentation)."""
 
+    from lib.predict import predict as batched
+
     def predict(x):
-        return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
-                               for i in range(0, len(x), batch_size)])
+        return batched(model, x, batch_size=batch_size)
 
     return predict
 
@@ -109,9 +110,10 @@ def probe_predictor(feature_model, classifier, n_classes: int, batch_size: int =
     """``images -> class probabilities`` of a linear probe: pooled features of the frozen ``feature_model``
     (:func:`lib.image.features.feature_model`), then ``classifier.predict_proba`` (scikit-learn)."""
 
+    from lib.predict import predict as batched
+
     def predict(x):
-        feats = np.concatenate([np.asarray(feature_model(x[i:i + batch_size], training=False))
-                                for i in range(0, len(x), batch_size)])
+        feats = batched(feature_model, x, batch_size=batch_size)
         probs = np.zeros((len(x), n_classes))
         probs[:, classifier.classes_] = classifier.predict_proba(feats)
         return probs
