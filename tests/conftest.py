@@ -103,3 +103,21 @@ def three_class(tmp_path_factory):
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(arr).save(p)
     return image_data.load_image_folder(root, abnormal_classes=["gamma"])
+
+
+def tiny_branch(n_classes: int = 5, size: int = 32, seed: int = 0):
+    """An untrained image branch with the contract's layer names (``image`` ... ``top_activation``,
+    ``avg_pool``, ``image_embedding``, ``class_probs``): for tests of code that serves or explains a
+    branch, not of the branch itself."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3), name="image")
+    x = layers.Rescaling(1 / 255.0, name="rescale")(inp)
+    x = layers.Conv2D(8, 3, strides=4, padding="same", name="top_conv")(x)
+    x = layers.Activation("relu", name="top_activation")(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.Dense(512, activation="relu", name="image_embedding")(x)
+    out = layers.Dense(n_classes, activation="softmax", name="class_probs")(x)
+    return keras.Model(inp, out, name="tiny_branch")

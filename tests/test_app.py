@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, make_sipakmed_tree
+from conftest import ROOT, make_sipakmed_tree, tiny_branch
 
 CLASSES = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
 ABNORMAL = CLASSES[:2]
@@ -26,21 +26,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "build" / "screenshots_app"
 
 pytestmark = pytest.mark.slow
-
-
-def _tiny_branch(size=SIZE, seed=0):
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((size, size, 3), name="image")
-    x = layers.Rescaling(1 / 255.0, name="rescale")(inp)
-    x = layers.Conv2D(8, 3, strides=4, padding="same", name="top_conv")(x)
-    x = layers.Activation("relu", name="top_activation")(x)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = layers.Dense(512, activation="relu", name="image_embedding")(x)
-    out = layers.Dense(len(CLASSES), activation="softmax", name="class_probs")(x)
-    return keras.Model(inp, out, name="tiny_branch")
 
 
 def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
@@ -56,7 +41,7 @@ def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
     metrics = build / profile / "metrics"
     models.mkdir(parents=True)
     metrics.mkdir(parents=True)
-    branch = _tiny_branch()
+    branch = tiny_branch(len(CLASSES), SIZE)
     branch.save(models / "image_branch.keras")
     data = uci.load_uci()
     split = np.where(np.arange(len(data.frame)) % 10 < 7, "train", "test")

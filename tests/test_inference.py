@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_branch
 from lib.fusion import hybrid
 from lib.serve import inference
 
@@ -20,28 +21,13 @@ RANGES = {
 CLASSES = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
 
 
-def _tiny_branch(size=32, seed=0):
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((size, size, 3), name="image")
-    x = layers.Rescaling(1 / 255.0, name="rescale")(inp)
-    x = layers.Conv2D(8, 3, strides=4, padding="same", name="top_conv")(x)
-    x = layers.Activation("relu", name="top_activation")(x)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = layers.Dense(512, activation="relu", name="image_embedding")(x)
-    out = layers.Dense(len(CLASSES), activation="softmax", name="class_probs")(x)
-    return keras.Model(inp, out, name="tiny_branch")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A models folder as notebook 05 leaves it (tiny untrained models: the CLI is under test, not them)."""
     from lib.tabular import mlp
 
     d = tmp_path_factory.mktemp("models")
-    branch = _tiny_branch()
+    branch = tiny_branch(len(CLASSES))
     branch.save(d / "image_branch.keras")
     pre = mlp.TabularPreprocessor(COLUMNS, [27.0, 0.0, 2.0], ["Smokes"], [27.0, 0.15, 2.2, 0.05],
                                       [8.5, 0.35, 1.4, 0.2], metadata={"feature_ranges": RANGES})
