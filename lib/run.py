@@ -122,6 +122,19 @@ def check_inputs(data_dir=None, data_source="auto", dataset=None, abnormal_class
                 group_pattern=group_pattern)
 
 
+def saved_split(profile: str, build=None) -> pd.DataFrame | None:
+    """The split a run saved (``split.csv`` with absolute image paths, from ``run.json``'s dataset root),
+    without loading or checking the images: for readers such as the web app. None when no run is saved."""
+    root = config.build_dir(build) / profile
+    run_json, split = root / ARTIFACTS["run"], root / ARTIFACTS["split"]
+    if not (run_json.is_file() and split.is_file()):
+        return None
+    data_root = Path(read_json(run_json)["dataset_root"])
+    table = pd.read_csv(split, dtype={"path": str, "label": str, "group": str}, keep_default_na=False)
+    table["path"] = [str(data_root / p) for p in table["path"]]
+    return table
+
+
 @dataclass
 class Run:
     """One run of the kit: ``build/<profile>/`` and everything in it."""

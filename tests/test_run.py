@@ -98,3 +98,13 @@ def test_paths_are_named_in_one_place(tmp_path):
     with pytest.raises(KeyError, match="unknown artifact"):
         run.path("03_image_branch.json")
     assert run.root == config.run_dir("smoke", tmp_path / "b")
+
+
+def test_saved_split_reads_back_what_the_run_wrote(tmp_path):
+    from lib.run import saved_split
+
+    run = _open(_copies_dataset(tmp_path / "ds"), tmp_path / "b")
+    table = saved_split("smoke", tmp_path / "b")
+    assert table["path"].tolist() == run.table["path"].tolist()
+    assert table["split"].tolist() == run.table["split"].tolist()
+    assert saved_split("full", tmp_path / "b") is None  # no run saved for that profile

@@ -295,22 +295,11 @@ def _public(res: dict) -> dict:
 
 
 def _split_test_images(profile: str):
-    """The test rows of the split the run saved (``split.csv`` + the dataset root in ``run.json``), or
-    None for a run made before the run object existed."""
-    import pandas as pd
+    """The test rows of the split the run saved, or None for a run made before the run object existed."""
+    from lib.run import saved_split
 
-    from lib.atomic import read_json
-    from lib.run import ARTIFACTS
-
-    root = config.build_dir() / profile
-    run_json, split = root / ARTIFACTS["run"], root / ARTIFACTS["split"]
-    if not (run_json.is_file() and split.is_file()):
-        return None
-    data_root = Path(read_json(run_json)["dataset_root"])
-    t = pd.read_csv(split, dtype={"path": str, "label": str}, keep_default_na=False)
-    t = t[t["split"] == "test"].copy()
-    t["path"] = [str(data_root / p) for p in t["path"]]
-    return t
+    table = saved_split(profile)
+    return None if table is None else table[table["split"] == "test"]
 
 
 def test_images(run: LoadedRun) -> tuple[list, str]:
