@@ -114,6 +114,8 @@ PROFILES: dict[str, dict] = {
         # are 2x2 grids of a weak model, so single rank correlations swing widely and the margin is smaller
         randomization_margin=0.15,
         head_dropout=0.3,           # notebook 03: dropout before and after the 512-d image embedding
+        test_time_flips="auto",     # notebook 03: flip TTA per row (fine-tuned, probe): "auto" = chosen on the
+                                    # grouped validation macro-F1 (ties: none), True / False force it (lib.image.tta)
         fusion_head_epochs=150,     # notebook 05: most epochs per fusion head (early stopping picks the best)
     ),
     # the real thing: every image, 224 px
@@ -133,6 +135,7 @@ PROFILES: dict[str, dict] = {
         gradcam_check_images=200,   # notebook 06: each check is several Grad-CAM passes; a stratified sample
         randomization_margin=0.3,
         head_dropout=0.3,
+        test_time_flips="auto",
         fusion_head_epochs=300,
     ),
 }
@@ -164,6 +167,10 @@ def run_params(profile: str = "smoke", **overrides) -> dict:
     ipc = params["images_per_class"]
     if ipc is not None and (not isinstance(ipc, int) or ipc < 2):
         raise ValueError(f"parameter 'images_per_class': expected None (all) or an integer >= 2, got {ipc!r}")
+    flips = params["test_time_flips"]
+    if not (isinstance(flips, bool) or flips == "auto"):
+        raise ValueError(f"parameter 'test_time_flips': expected 'auto' (choose on the validation split), "
+                         f"True or False, got {flips!r}")
     return params
 
 
