@@ -163,12 +163,13 @@ LESSONS = {
         ("regularization narrows the gap (same training images, inference mode)",
          lambda m, h: f"naive {_fmt(h['gap_naive_same_images'])} -> regularized {_fmt(h['gap_regularized_same_images'])}"),
         ("fine-tuning has to beat a linear probe: test macro-F1, 95% CI over groups",
-         lambda m, h: f"fine-tuned {_iv(h['macro_f1'], h.get('macro_f1_low'), h.get('macro_f1_high'))} vs linear probe "
+         lambda m, h: f"fine-tuned{_tta(h, 'tta_finetuned')} {_iv(h['macro_f1'], h.get('macro_f1_low'), h.get('macro_f1_high'))}"
+                      f" vs linear probe{_tta(h, 'tta_probe')} "
                       + _iv(h["probe_macro_f1"], *(lambda c: (c.get("ci_low"), c.get("ci_high")))(
                           (m.get("linear_probe") or {}).get("macro_f1_ci") or {}))),
         ("abnormal-vs-rest AUC (test)",
-         lambda m, h: f"fine-tuned {_iv(h['abnormal_auc'], *_auc_ci(m.get('evaluation')))} vs linear probe "
-                      f"{_iv(h['probe_abnormal_auc'], *_auc_ci(m.get('linear_probe')))}"),
+         lambda m, h: f"fine-tuned{_tta(h, 'tta_finetuned')} {_iv(h['abnormal_auc'], *_auc_ci(m.get('evaluation')))} "
+                      f"vs linear probe{_tta(h, 'tta_probe')} {_iv(h['probe_abnormal_auc'], *_auc_ci(m.get('linear_probe')))}"),
     ],
     "04_tabular_mlp": [
         ("leaking columns inflate every model (repeated CV, same folds)",
@@ -194,6 +195,11 @@ LESSONS = {
          lambda m, h: f"{_fmt(h['border_share'])}"),
     ],
 }
+
+
+def _tta(headline: dict, key: str) -> str:
+    """03: " (flip TTA)" when that row's variant chosen on validation averages over flips, else ""."""
+    return " (flip TTA)" if headline.get(key) is True else ""
 
 
 def _auc_ci(evaluation) -> tuple:
