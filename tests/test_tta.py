@@ -142,3 +142,18 @@ def test_the_knob_is_in_both_profiles_and_validated():
         config.run_params("smoke", test_time_flips="on")
     with pytest.raises(ValueError, match="test_time_flips"):
         config.run_params("smoke", test_time_flips=1)
+
+
+def test_the_site_headline_says_when_flips_were_used():
+    from lib.report.site import LESSONS
+
+    h = {"macro_f1": 0.9, "macro_f1_low": 0.8, "macro_f1_high": 0.95, "probe_macro_f1": 0.85,
+         "abnormal_auc": 0.97, "probe_abnormal_auc": 0.96, "gap_naive_same_images": 0.2,
+         "gap_regularized_same_images": 0.1}
+    show = {topic: f for topic, f in LESSONS["03_image_branch"]}
+    f1 = next(f for t, f in show.items() if "linear probe" in t)
+    plain = f1({}, {**h, "tta_finetuned": False, "tta_probe": False})
+    assert "TTA" not in plain
+    both = f1({}, {**h, "tta_finetuned": True, "tta_probe": False})
+    assert both.startswith("fine-tuned (flip TTA) ") and "linear probe (flip TTA)" not in both
+    assert "TTA" not in f1({}, h)  # records written before the knob existed
