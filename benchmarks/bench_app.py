@@ -59,6 +59,7 @@ def build_run(build: Path, profile: str, size: int) -> None:
     from lib.data import uci
     from lib.data.manifest import ABNORMAL, CLASSES
     from lib.fusion import hybrid
+    from lib.tabular import mlp
     from lib.image import image_model
 
     models = build / profile / "models"
@@ -67,7 +68,7 @@ def build_run(build: Path, profile: str, size: int) -> None:
     image_model.save_model(branch, models / hybrid.IMAGE_BRANCH_FILE)
     data = uci.load_uci()
     split = np.where(np.arange(len(data.frame)) % 10 < 7, "train", "test")
-    pre, _, _ = hybrid.fit_tabular_preprocessor(data, split)
+    pre, _, _ = mlp.fit_preprocessor(data, split)
     model = hybrid.assemble(branch, hybrid.build_head("fused", pre.n_features_out))
     card = {"name": hybrid.MODEL_NAME, "threshold": 0.5, "synthetic": True, "image_classes": list(CLASSES),
             "abnormal_classes": list(ABNORMAL), "image_size": size, "profile": profile,

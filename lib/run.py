@@ -35,9 +35,12 @@ from lib.data import datasets, image_data, splits
 ARTIFACTS = {
     "run": "run.json",
     "split": "split.csv",
+    "uci_split": "uci_split.csv",
     "image_branch": "models/image_branch.keras",
     "tabular_model": "models/tabular_mlp.keras",
     "tabular_preprocessor": "models/tabular_preprocessor.json",
+    "tabular_model_screening": "models/tabular_mlp_screening.keras",
+    "tabular_preprocessor_screening": "models/tabular_preprocessor_screening.json",
     "hybrid_keras": "models/hybrid_cervical_model.keras",
     "hybrid_h5": "models/hybrid_cervical_model.h5",
     "hybrid_card": "models/hybrid_cervical_model_card.json",
@@ -237,6 +240,28 @@ class Run:
         p = self.root / ARTIFACTS[artifact]
         (p if "." not in p.name else p.parent).mkdir(parents=True, exist_ok=True)
         return p
+
+    def uci_split(self, uci_frame) -> pd.Series:
+        """The UCI records' train/val/test split of this run (:func:`lib.fusion.pairing.split_uci`, seeded by
+        the run's seed), drawn by the first notebook that asks (04) and saved as ``uci_split.csv``; later
+        notebooks read it.  A table whose records are not the saved ones is an error, nothing is overwritten."""
+        from lib.fusion.pairing import split_uci
+
+        frame = getattr(uci_frame, "frame", uci_frame)
+        path = self.root / ARTIFACTS["uci_split"]
+        if not path.exists():
+            split = split_uci(frame, seed=self.params["seed"])
+            with atomic_path(path) as tmp:
+                pd.DataFrame({"record_id": split.index, "split": split.to_numpy()}).to_csv(tmp, index=False)
+            return split
+        saved = pd.read_csv(path, keep_default_na=False)
+        if list(saved.columns) != ["record_id", "split"] or set(saved["split"]) - set(splits.SPLITS):
+            raise ValueError(f"{path}: expected columns record_id, split with values {splits.SPLITS}")
+        if sorted(saved["record_id"].astype(str)) != sorted(frame.index.astype(str)):
+            raise ValueError(f"the UCI table read from {self.uci_csv.name} has other records than {path} was written "
+                             f"for ({len(frame)} vs {len(saved)} records); delete {path} and rerun from notebook 04")
+        split_of = dict(zip(saved["record_id"].astype(str), saved["split"]))
+        return pd.Series([split_of[str(i)] for i in frame.index], index=frame.index, name="split")
 
     def relpaths(self, table) -> list[str]:
         """Image paths of ``table`` relative to the dataset root: how a metrics record names images."""

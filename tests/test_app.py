@@ -36,6 +36,7 @@ def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
     """
     from lib.data import uci
     from lib.fusion import hybrid
+    from lib.tabular import mlp
 
     models = build / profile / "models"
     metrics = build / profile / "metrics"
@@ -45,7 +46,7 @@ def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
     branch.save(models / "image_branch.keras")
     data = uci.load_uci()
     split = np.where(np.arange(len(data.frame)) % 10 < 7, "train", "test")
-    pre, _, _ = hybrid.fit_tabular_preprocessor(data, split)
+    pre, _, _ = mlp.fit_preprocessor(data, split)
     model = hybrid.assemble(branch, hybrid.build_head("fused", pre.n_features_out))
     card = {"name": "hybrid_cervical_model", "threshold": 0.5, "synthetic": True, "image_classes": list(classes),
             "abnormal_classes": ABNORMAL if classes == CLASSES else list(classes[-2:]), "profile": profile}

@@ -12,6 +12,7 @@ import pytest
 
 from lib import metrics
 from lib.fusion import hybrid, pairing
+from lib.tabular import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def test_cohort_inputs_gathers_the_right_rows_and_stacks_draws():
 
 def test_feature_ranges_rule():
     frame = pd.DataFrame({"Age": [13.0, 84.0, np.nan], "Smokes": [0.0, 1.0, 1.0], "Packs": [0.0, 150.0, 2.0]})
-    r = hybrid.feature_ranges(frame)
+    r = mlp.feature_ranges(frame)
     assert r["Age"] == {"train_min": 13.0, "train_max": 84.0, "binary": False, "allowed": [0.0, 120.0]}
     assert r["Smokes"]["binary"] and r["Smokes"]["allowed"] == [0.0, 1.0]
     assert r["Packs"]["allowed"] == [0.0, 150.0]  # a training maximum above 120 widens the range
@@ -173,12 +174,14 @@ def test_tabular_branch_is_trained_on_records_and_frozen_in_the_head():
     x = rng.normal(size=(n, 6)).astype("float32")
     x[:, 0] += 2.0 * y
     split = np.array(["train"] * 200 + ["val"] * 50 + ["test"] * 50)
-    branch, info = hybrid.fit_tabular_branch(x, y, split, epochs=60, patience=10, seed=1)
+    frame = pd.DataFrame(x, columns=[f"Age{i}" for i in range(6)]).assign(Biopsy=y)
+    b = mlp.fit_branch(frame, split, epochs=60, patience=10, seed=1)
+    branch, info = b.model, b.info
     assert info["test_auc"] > 0.8 and 1 <= info["best_epoch"] <= info["epochs_run"] <= 60
     d = toy_inputs(n=80, n_tab=6, tab_signal=0.0)
     head, hinfo = hybrid.fit_head("fused", d, epochs=5, patience=5, tabular_branch=branch)
     assert hinfo["frozen_tabular_tower"]
-    for name in hybrid.tabular_tower_layers():
+    for name in mlp.tower_layer_names():
         assert not head.get_layer(name).trainable
         for a, b in zip(head.get_layer(name).get_weights(), branch.get_layer(name).get_weights()):
             np.testing.assert_array_equal(a, b)  # unchanged by training the head

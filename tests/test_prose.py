@@ -72,24 +72,13 @@ def default(relpath: str, func: str, arg: str):
 
 def _dropouts():
     return {default("image/image_model.py", "regularized_recipe", "dropout"),
-            default("tabular/mlp.py", "build_mlp", "dropout"), constant_field("fusion/hybrid.py", "dropout")}
-
-
-def constant_field(relpath: str, field: str):
-    """A dataclass field's default in a lib file (``dropout: float = 0.3``)."""
-    for node in ast.walk(_tree(relpath)):
-        if isinstance(node, ast.ClassDef):
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.target.id == field \
-                        and item.value is not None:
-                    return ast.literal_eval(item.value)
-    raise LookupError(f"{relpath}: no dataclass field {field}")
+            constant("tabular/mlp.py", "DROPOUT")}
 
 
 def _learning_rates():
     return {constant("image/image_model.py", "LEARNING_RATE"), constant("image/image_model.py", "NAIVE_LEARNING_RATE"),
             constant("image/image_model.py", "LINEAR_PROBE_LR"), constant("image/image_model.py", "LP_FT_LEARNING_RATE"),
-            constant("fusion/hybrid.py", "LEARNING_RATE"), default("tabular/mlp.py", "build_mlp", "lr")}
+            constant("fusion/hybrid.py", "LEARNING_RATE"), constant("tabular/mlp.py", "LEARNING_RATE")}
 
 
 def _sipakmed_files() -> int:
@@ -136,9 +125,9 @@ STRUCTURAL = [
      "a bound or definition of a metric, not a measurement", None),
     ("embedding width", r"\b(?P<n>512|64)-d\b", "the embedding widths of the original architecture",
      lambda m: int(m["n"]) in {default("image/image_model.py", "build_image_classifier", "embedding_dim"),
-                               default("tabular/mlp.py", "build_mlp", "embedding_dim")}),
+                               constant("tabular/mlp.py", "EMBEDDING_DIM")}),
     ("MLP widths", r"Dense (?P<a>\d+) / (?P<b>\d+)", "the tabular MLP's hidden layers",
-     lambda m: (int(m["a"]), int(m["b"])) == tuple(default("tabular/mlp.py", "build_mlp", "hidden"))),
+     lambda m: (int(m["a"]), int(m["b"])) == tuple(constant("tabular/mlp.py", "HIDDEN"))),
     ("frozen blocks", r"[Bb]locks 1(?:-| to )6b\b|\bblock 7\b", "EfficientNet's block names", None),
     ("stride", r"divided by 32\b|input / 32\b", "EfficientNet's output stride", None),
     ("feature grid",

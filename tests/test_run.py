@@ -108,3 +108,23 @@ def test_saved_split_reads_back_what_the_run_wrote(tmp_path):
     assert table["path"].tolist() == run.table["path"].tolist()
     assert table["split"].tolist() == run.table["split"].tolist()
     assert saved_split("full", tmp_path / "b") is None  # no run saved for that profile
+
+
+def test_uci_split_is_drawn_once_and_read_back(tmp_path):
+    from lib.data import uci
+
+    import pandas as pd
+
+    root = _copies_dataset(tmp_path / "ds")
+    run = _open(root, tmp_path / "b")
+    frame = uci.load_uci(run.uci_csv).frame
+    first = run.uci_split(frame)
+    assert set(first) == {"train", "val", "test"} and first.index.equals(frame.index)
+    saved = run.root / "uci_split.csv"
+    assert saved.is_file()
+    again = _open(root, tmp_path / "b").uci_split(frame.sample(frac=1.0, random_state=0))  # another order: same split
+    pd.testing.assert_series_equal(again.loc[frame.index], first)
+    before = saved.read_bytes()
+    with pytest.raises(ValueError, match="other records"):
+        run.uci_split(frame.iloc[:-5])
+    assert saved.read_bytes() == before  # nothing overwritten

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from lib.data import uci
+from lib import training
 from lib.tabular import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,10 +123,10 @@ def test_load_preprocessor_errors(tmp_path):
 
 
 def test_class_weights():
-    w = mlp.class_weights([0, 0, 0, 1])
+    w = training.class_weights([0, 0, 0, 1])
     assert w == {0: 4 / 6, 1: 2.0}
     with pytest.raises(ValueError):
-        mlp.class_weights([0, 0])
+        training.class_weights([0, 0])
 
 
 # --------------------------------------------------------------------------- folds
@@ -194,12 +195,15 @@ def test_build_mlp_named_layers():
 @pytest.mark.slow
 @needs_real
 def test_mlp_trains_on_real_data_and_is_deterministic():
+    from lib.training import BinaryTrainer
+
     d = uci.load_uci(REAL_CSV)
     cols = uci.feature_columns(d)
     x = mlp.make_preprocessor(cols).fit_transform(d.frame[cols])
     y = d.frame["Biopsy"].to_numpy()
-    trainer = mlp.MLPTrainer(x.shape[1])
+    trainer = BinaryTrainer(mlp.build_mlp(x.shape[1]))
     model, info = mlp.train_mlp(x, y, epochs=4, seed=3, patience=2, trainer=trainer)
+    assert model is trainer.model and info["monitor"] == "val_auc"
     assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 4
     p1 = trainer.predict(x)
     assert p1.shape == (len(y),) and ((p1 > 0) & (p1 < 1)).all()
@@ -207,14 +211,8 @@ def test_mlp_trains_on_real_data_and_is_deterministic():
     np.testing.assert_array_equal(trainer.predict(x), p1)  # reset() makes a rerun identical
     assert info2 == info
     np.testing.assert_allclose(model.predict(x.astype("float32"), verbose=0).ravel(), p1, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_fit_engine_reference_path_runs():
-    f = toy_frame()
-    x = mlp.make_preprocessor(FEATURES).fit_transform(f[FEATURES])
-    model, info = mlp.train_mlp(x, f["Biopsy"], epochs=2, engine="fit", patience=1)
-    assert info["epochs_run"] <= 2 and model.get_layer("risk") is not None
+    fresh, _ = mlp.train_mlp(x, y, epochs=4, seed=3, patience=2)  # a new trainer: the same numbers
+    np.testing.assert_allclose(fresh.predict(x.astype("float32"), verbose=0).ravel(), p1, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -228,22 +226,33 @@ def test_cross_validate_mlp_on_real_data_shares_folds():
     assert res.folds.query("model == 'mlp'")["epochs_run"].le(3).all()
 
 
-@pytest.mark.slow
-def test_fit_final_saves_model_and_json_that_reload(tmp_path):
-    import keras
+def toy_split(n: int) -> np.ndarray:
+    return np.array((["train"] * 7 + ["val"] * 2 + ["test"]) * (n // 10) + ["train"] * (n % 10))
 
-    f = toy_frame()
-    final = mlp.fit_final(f, epochs=2, models_dir=tmp_path)
-    assert final.model_path == tmp_path / "tabular_mlp.keras" and final.model_path.is_file()
-    assert final.preprocessor_path == tmp_path / "tabular_preprocessor.json"
-    meta = json.loads(final.preprocessor_path.read_text())["metadata"]
-    assert meta["include_leaky"] is False and meta["embedding_layer"] == "tabular_embedding"
-    assert not set(uci.LEAKY_COLUMNS) & set(final.preprocessor.columns)
-    reloaded = keras.models.load_model(final.model_path)
-    pre = mlp.load_preprocessor(final.preprocessor_path)
-    x = pre.transform(f).astype("float32")
-    np.testing.assert_allclose(reloaded.predict(x, verbose=0), final.model.predict(x, verbose=0), rtol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tabular_mlp.keras", "tabular_preprocessor.json"]
+
+@pytest.mark.slow
+def test_fit_branch_learns_on_train_records_saves_and_reloads(tmp_path):
+    f = toy_frame(n=200)
+    split = toy_split(len(f))
+    b = mlp.fit_branch(f, split, epochs=30, seed=2, patience=5)
+    i = b.info
+    assert (i["n_train"], i["n_val"], i["n_test"]) == tuple(int((split == s).sum()) for s in ("train", "val", "test"))
+    assert 1 <= i["best_epoch"] <= i["epochs_run"] <= 30 and i["monitor"] == "val_auc"
+    assert 0 <= i["test_auc"] <= 1 and i["include_leaky"] is False
+    assert not set(uci.LEAKY_COLUMNS) & set(b.preprocessor.columns)
+    meta = b.preprocessor.metadata  # fitted on the training records only, with the ranges inference enforces
+    assert meta["n_rows"] == i["n_train"] and set(meta["feature_ranges"]) == set(b.preprocessor.columns)
+    mp, pp = tmp_path / "m.keras", tmp_path / "p.json"
+    mlp.save_branch(b, mp, pp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "p.json"]  # no temporary files left
+    again = mlp.load_branch(mp, pp)
+    assert again.info["best_epoch"] == i["best_epoch"] and again.info["columns"] == list(b.preprocessor.columns)
+    x = again.preprocessor.transform(f).astype("float32")
+    np.testing.assert_allclose(again.model.predict(x, verbose=0), b.model.predict(x, verbose=0), rtol=1e-6)
+    with pytest.raises(FileNotFoundError, match="notebook 04"):
+        mlp.load_branch(tmp_path / "absent.keras", pp)
+    with pytest.raises(ValueError, match="train"):
+        mlp.fit_branch(f, np.array(["test"] * len(f)), epochs=2)
 
 
 def test_missingness_table_by_hand():

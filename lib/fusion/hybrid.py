@@ -6,8 +6,8 @@ are concatenated and fed to a fully connected classifier with a sigmoid output n
 binary cross-entropy, Adam lr 1e-4, dropout 0.3 in both branches, balanced class weights, early
 stopping on the validation loss with the best weights restored (the original stopped on validation
 accuracy, which hardly moves when one class dominates).  Each branch first learns from its own data:
-the image branch in notebook 03, the tabular branch (:func:`fit_tabular_branch`) on the UCI training
-records; the fusion heads keep the tabular tower frozen and learn how to combine the two embeddings
+the image branch in notebook 03, the tabular branch in notebook 04 (:func:`lib.tabular.mlp.fit_branch`, on
+the UCI training records); the fusion heads keep the tabular tower frozen and learn how to combine the two embeddings
 from the pairs of :mod:`lib.fusion.pairing`.  The saved model is **one flat Keras functional graph** with two inputs,
 ``image`` (raw 0..255 RGB) and ``tabular`` (features from the saved preprocessor); the image
 branch's layers, ``top_activation`` included, sit directly in it, so Grad-CAM can reach them.
@@ -50,6 +50,8 @@ import pandas as pd
 
 from lib import metrics
 from lib.atomic import atomic_path, write_json
+from lib.tabular import mlp
+from lib.training import check_fit_args, fit_binary
 
 IMAGE_INPUT, TABULAR_INPUT, FEATURE_INPUT, OUTPUT = "image", "tabular", "image_features", "risk"
 IMAGE_EMBEDDING, TABULAR_EMBEDDING, FEATURE_LAYER = "image_embedding", "tabular_embedding", "top_activation"
@@ -74,9 +76,9 @@ N_REPAIRINGS = 20
 class HeadConfig:
     """Sizes and rates of the fusion head (defaults: the original's 64-d tabular embedding, dropout 0.3)."""
 
-    tabular_hidden: tuple = (128, 64)
-    tabular_dim: int = 64
-    dropout: float = 0.3
+    tabular_hidden: tuple = mlp.HIDDEN
+    tabular_dim: int = mlp.EMBEDDING_DIM
+    dropout: float = mlp.DROPOUT
     fused_hidden: int = 128
     attention_dim: int = 64
     seed: int = 42
@@ -104,13 +106,7 @@ def _head_graph(kind: str, get, img, tab, cfg: HeadConfig):
     if kind in ("fused", "image", "attention"):
         xi = get("fusion_image_dropout", lambda n: layers.Dropout(cfg.dropout, seed=s, name=n))(img)
     if kind in ("fused", "tabular", "attention"):
-        t = tab
-        for i, width in enumerate(cfg.tabular_hidden, start=1):
-            t = get(f"tab_dense_{i}", lambda n: layers.Dense(width, use_bias=False, name=n))(t)
-            t = get(f"tab_batchnorm_{i}", lambda n: layers.BatchNormalization(name=n))(t)
-            t = get(f"tab_relu_{i}", lambda n: layers.Activation("relu", name=n))(t)
-            t = get(f"tab_dropout_{i}", lambda n: layers.Dropout(cfg.dropout, seed=s + 10 + i, name=n))(t)
-        t = get(TABULAR_EMBEDDING, lambda n: layers.Dense(cfg.tabular_dim, activation="relu", name=n))(t)
+        t = mlp.tower(tab, get, cfg.tabular_hidden, cfg.tabular_dim, cfg.dropout, s)  # the one tabular tower
         xt = get("fusion_tabular_dropout", lambda n: layers.Dropout(cfg.dropout, seed=s + 1, name=n))(t)
     if kind == "fused":
         z = get("fusion_concat", lambda n: layers.Concatenate(name=n))([xi, xt])
@@ -132,17 +128,6 @@ def _head_graph(kind: str, get, img, tab, cfg: HeadConfig):
     h = get("fusion_dense", lambda n: layers.Dense(cfg.fused_hidden, activation="relu", name=n))(z)
     h = get("fusion_dropout", lambda n: layers.Dropout(cfg.dropout, seed=s + 2, name=n))(h)
     return get(OUTPUT, lambda n: layers.Dense(1, activation="sigmoid", name=n))(h)
-
-
-def _new_layers():
-    made = {}
-
-    def get(name, factory):
-        if name not in made:
-            made[name] = factory(name)
-        return made[name]
-
-    return get
 
 
 def compile_model(model, lr: float = LEARNING_RATE):
@@ -183,7 +168,7 @@ def build_head(kind: str, n_tabular: int | None = None, image_dim: int = 512, co
             raise ValueError(f"parameter 'n_tabular': expected a positive integer for kind {kind!r}, got {n_tabular!r}")
         tab = keras.Input((int(n_tabular),), name=TABULAR_INPUT)
         inputs.append(tab)
-    out = _head_graph(kind, _new_layers(), img, tab, cfg)
+    out = _head_graph(kind, mlp.layer_factory(), img, tab, cfg)
     return compile_model(keras.Model(inputs if len(inputs) > 1 else inputs[0], out, name=f"fusion_head_{kind}"), lr)
 
 
@@ -207,7 +192,7 @@ def build_fusion_model(image_branch, n_tabular: int, kind: str = "fused", config
     if _check_kind(kind) not in ("fused", "attention"):
         raise ValueError(f"parameter 'kind': a two-input model needs 'fused' or 'attention', got {kind!r}")
     tab = keras.Input((int(n_tabular),), name=TABULAR_INPUT)
-    out = _head_graph(kind, _new_layers(), _embedding_tensor(image_branch), tab, config or HeadConfig())
+    out = _head_graph(kind, mlp.layer_factory(), _embedding_tensor(image_branch), tab, config or HeadConfig())
     return compile_model(keras.Model([image_branch.get_layer(IMAGE_INPUT).output, tab], out, name=name), lr)
 
 
@@ -234,7 +219,7 @@ def assemble(image_branch, head, config: HeadConfig | None = None, lr: float = L
     if kind != "image":
         tab = keras.Input(tuple(head.get_layer(TABULAR_INPUT).output.shape[1:]), name=TABULAR_INPUT)
         inputs.append(tab)
-    get = _new_layers()
+    get = mlp.layer_factory()
     out = _head_graph(kind, get, _embedding_tensor(image_branch), tab, config or HeadConfig())
     model = keras.Model(inputs if len(inputs) > 1 else inputs[0], out, name=name)
     for layer in head.layers:
@@ -412,46 +397,6 @@ def cached_image_embeddings(run, branch, info: dict) -> tuple[np.ndarray, bool]:
     return emb, False
 
 
-def fit_tabular_preprocessor(uci_frame, uci_split, target: str = "Biopsy", include_leaky: bool = False):
-    """:func:`lib.tabular.mlp.make_preprocessor` fitted on the UCI **train** split only; returns
-    ``(TabularPreprocessor, features of every row (n_rows, k) float32, columns)``.
-
-    The leaky screening columns (Hinselmann, Schiller, Citology) are excluded unless ``include_leaky``
-    (the labelled demonstration of how the original's numbers can arise).  The preprocessor's
-    metadata holds the training ranges (:func:`feature_ranges`)."""
-    from lib.tabular import mlp
-    from lib.data.uci import feature_columns
-
-    frame = getattr(uci_frame, "frame", uci_frame)
-    cols = feature_columns(frame, include_leaky=include_leaky, target=target)
-    train = pd.Series(uci_split, index=frame.index).astype(str).to_numpy() == "train"
-    pipe = mlp.make_preprocessor(cols).fit(frame.loc[train, cols])
-    meta = dict(target=target, include_leaky=bool(include_leaky), fitted_on="UCI train split of the fusion pairing",
-                n_rows=int(train.sum()), n_pos=int(frame.loc[train, target].sum()),
-                feature_ranges=feature_ranges(frame.loc[train, cols]), input_layer=TABULAR_INPUT,
-                embedding_layer=TABULAR_EMBEDDING, output_layer=OUTPUT)
-    pre = mlp.TabularPreprocessor.from_pipeline(pipe, metadata=meta)
-    return pre, pre.transform(frame).astype("float32"), cols
-
-
-#: every non-binary UCI feature is an age, a count or a number of years: none is negative or above this
-PLAUSIBLE_MAX = 120.0
-
-
-def feature_ranges(frame: pd.DataFrame) -> dict:
-    """Per column: ``train_min``/``train_max`` (observed), ``binary`` and the ``allowed`` [low, high]
-    that :mod:`lib.serve.inference` enforces: [0, 1] for 0/1 columns, else [min(0, train_min),
-    max(120, train_max)] (ages, counts and years of a human life)."""
-    out = {}
-    for c in frame.columns:
-        v = frame[c].dropna().to_numpy(dtype="float64")
-        lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
-        binary = bool(len(v)) and bool(np.isin(v, [0.0, 1.0]).all())
-        allowed = [0.0, 1.0] if binary else [min(0.0, lo), max(PLAUSIBLE_MAX, hi)]
-        out[c] = {"train_min": lo, "train_max": hi, "binary": binary, "allowed": allowed}
-    return out
-
-
 @dataclass
 class CohortInputs:
     """One pairing's model inputs, split by split: ``x_image`` (n, 512), ``x_tabular`` (n, k), ``y`` (n,).
@@ -549,149 +494,32 @@ def pairing_inputs(image_table, uci_frame, uci_split, embeddings, tabular: dict,
 
 
 # --------------------------------------------------------------------------- training
-def _check_fit_args(epochs, patience, monitor):
-    if not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"parameter 'epochs': expected a positive integer, got {epochs!r}")
-    if not isinstance(patience, (int, np.integer)) or patience < 1:
-        raise ValueError(f"parameter 'patience': expected a positive integer, got {patience!r}")
-    if monitor not in ("val_loss", "val_auc"):
-        raise ValueError(f"parameter 'monitor': expected 'val_loss' or 'val_auc', got {monitor!r}")
-
-
-def train_loop(model, x_tr, y_tr, x_va, y_va, epochs: int, seed: int = 42, batch_size: int = 32,
-               patience: int = 20, monitor: str = "val_loss") -> dict:
-    """Fit a compiled binary model in place; returns ``info``.
-
-    What ``model.fit(..., class_weight=balanced, callbacks=[EarlyStopping(monitor, patience,
-    restore_best_weights=True)])`` does - binary cross-entropy with balanced class weights (also in
-    the validation loss), the compiled Adam, seeded shuffling, dropout and BatchNorm in training
-    mode - as a small ``tf.function`` loop: on these shared 2-core machines ``fit`` spends ~0.4 s per
-    epoch in overhead when a head epoch needs ~10 ms.  ``x_tr``/``x_va``: lists of arrays, one per
-    model input.  ``info``: ``epochs_run``, ``best_epoch`` (1-based), ``monitor``, ``best_val_loss``,
-    ``best_val_auc``, ``history`` (``loss``, ``val_loss``, ``val_auc`` per epoch).
-    """
-    import keras
-    import tensorflow as tf
-
-    from lib.tabular.mlp import class_weights
-
-    _check_fit_args(epochs, patience, monitor)
-    x_tr = [np.asarray(a, "float32") for a in x_tr]
-    x_va = [np.asarray(a, "float32") for a in x_va]
-    y_tr = np.asarray(y_tr, "float32").reshape(-1)
-    y_va = np.asarray(y_va).astype("int64").reshape(-1)
-    cw = class_weights(y_tr)
-    w_tr = np.where(y_tr > 0.5, cw[1], cw[0]).astype("float32")
-    w_va = np.where(y_va > 0, cw[1], cw[0])
-    spec = [tf.TensorSpec((None, a.shape[1]), tf.float32) for a in x_tr]
-    opt = model.optimizer
-    single = len(x_tr) == 1
-
-    @tf.function(input_signature=[spec, tf.TensorSpec((None,), tf.float32), tf.TensorSpec((None,), tf.float32)])
-    def step(xs, y, w):
-        with tf.GradientTape() as tape:
-            p = tf.reshape(model(xs[0] if single else xs, training=True), [-1])
-            loss = tf.reduce_sum(keras.losses.binary_crossentropy(y[:, None], p[:, None]) * w) / tf.cast(tf.size(y), tf.float32)
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    @tf.function(input_signature=[spec])
-    def infer(xs):
-        return tf.reshape(model(xs[0] if single else xs, training=False), [-1])
-
-    rng = np.random.default_rng(seed)
-    n = len(y_tr)
-    best, best_epoch, best_weights, wait = -np.inf, 0, None, 0
-    hist = {"loss": [], "val_loss": [], "val_auc": []}
-    for epoch in range(int(epochs)):
-        order = rng.permutation(n)
-        losses = []
-        for start in range(0, n, batch_size):
-            j = order[start:start + batch_size]
-            losses.append(float(step([a[j] for a in x_tr], y_tr[j], w_tr[j])))
-        p_va = np.clip(infer(x_va).numpy().astype("float64"), 1e-7, 1 - 1e-7)
-        val_loss = float(-np.mean(w_va * (y_va * np.log(p_va) + (1 - y_va) * np.log(1 - p_va))))
-        val_auc = metrics.roc_auc(y_va, p_va) if 0 < y_va.sum() < len(y_va) else float("nan")
-        hist["loss"].append(float(np.mean(losses)))
-        hist["val_loss"].append(val_loss)
-        hist["val_auc"].append(float(val_auc))
-        value = -val_loss if monitor == "val_loss" else val_auc
-        if value > best:  # strictly better, as keras.callbacks.EarlyStopping (min_delta=0)
-            best, best_epoch, best_weights, wait = value, epoch, model.get_weights(), 0
-        else:
-            wait += 1
-            if wait >= patience:
-                break
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    return {"epochs_run": len(hist["loss"]), "best_epoch": best_epoch + 1, "monitor": monitor,
-            "best_val_loss": hist["val_loss"][best_epoch], "best_val_auc": hist["val_auc"][best_epoch],
-            "history": hist}
-
-
-#: the layers of the tabular tower (what :func:`fit_tabular_branch` trains and :func:`fit_head` reuses)
-def tabular_tower_layers(config: HeadConfig | None = None) -> list[str]:
-    cfg = config or HeadConfig()
-    names = []
-    for i in range(1, len(cfg.tabular_hidden) + 1):
-        names += [f"tab_dense_{i}", f"tab_batchnorm_{i}"]
-    return names + [TABULAR_EMBEDDING]
-
-
-def fit_tabular_branch(x_tabular, y, uci_split, epochs: int, seed: int = 42, batch_size: int = 32,
-                       patience: int = 20, config: HeadConfig | None = None, lr: float = LEARNING_RATE):
-    """The tabular branch on its own data: the tabular MLP (``build_head("tabular")``) trained on the
-    UCI **training records** for ``Biopsy``, early stopping on the validation records.
-
-    ``x_tabular``: preprocessed features of every UCI row; ``y``: their ``Biopsy``; ``uci_split``:
-    train/val/test per row (:func:`lib.fusion.pairing.split_uci`).  Returns ``(model, info)``; ``info`` adds
-    ``test_auc`` on the test records (compare with the published anchor, AUC 0.69 for risk factors alone).  Its tower
-    (:func:`tabular_tower_layers`) is what :func:`fit_head` puts, frozen, under the tabular embedding:
-    each branch learns from its own data, the fusion head learns to combine them.
-    """
-    import keras
-
-    cfg = config or HeadConfig(seed=seed)
-    x = np.asarray(x_tabular, "float32")
-    y = np.asarray(y).astype(int).reshape(-1)
-    s = pd.Series(uci_split).astype(str).to_numpy()
-    keras.utils.set_random_seed(seed)
-    model = build_head("tabular", x.shape[1], config=cfg, lr=lr)
-    info = train_loop(model, [x[s == "train"]], y[s == "train"], [x[s == "val"]], y[s == "val"], epochs, seed,
-                      batch_size, patience)
-    test = s == "test"
-    if 0 < y[test].sum() < test.sum():
-        info["test_auc"] = metrics.roc_auc(y[test], predict(model, x[test]))
-    return model, info
-
-
 def fit_head(kind: str, data: CohortInputs, epochs: int, seed: int = 42, batch_size: int = 32, patience: int = 20,
              config: HeadConfig | None = None, lr: float = LEARNING_RATE, train_draws: int = 1,
              val_draws: int | None = None, monitor: str = "val_loss", tabular_branch=None):
-    """Build and train one head on ``data``'s train split (:func:`train_loop`); returns ``(model, info)``.
+    """Build and train one head on ``data``'s train split (:func:`lib.training.fit_binary`); returns ``(model, info)``.
 
     ``train_draws``: how many pairing draws to train on (see :class:`CohortInputs`); ``val_draws``:
     how many the early stopping watches (``None``: all).  ``tabular_branch``: a model from
-    :func:`fit_tabular_branch`; its tower weights are copied into this head and **frozen** (BatchNorm
+    :func:`lib.tabular.mlp.fit_branch` (notebook 04's, saved); its tower weights are copied into this head and **frozen** (BatchNorm
     in inference mode), so only the fusion layers learn from the pairs.  Without it the tower is
     trained from scratch on the pairs.
     """
     import keras
 
-    _check_fit_args(epochs, patience, monitor)
+    check_fit_args(epochs, patience, monitor)
     keras.utils.set_random_seed(seed)
     cfg = config or HeadConfig(seed=seed)
     model = build_head(_check_kind(kind), data.x_tabular["train"].shape[1], data.x_image["train"].shape[1], cfg, lr)
     frozen = []
     if tabular_branch is not None and kind != "image":
-        for name in tabular_tower_layers(cfg):
+        for name in mlp.tower_layer_names(cfg.tabular_hidden):
             layer = model.get_layer(name)
             layer.set_weights(tabular_branch.get_layer(name).get_weights())
             layer.trainable = False
             frozen.append(name)
         compile_model(model, lr)  # trainability is captured when compiling
-    info = train_loop(model, data.inputs(kind, "train", train_draws), data.labels("train", train_draws),
+    info = fit_binary(model, data.inputs(kind, "train", train_draws), data.labels("train", train_draws),
                       data.inputs(kind, "val", val_draws), data.labels("val", val_draws), epochs, seed, batch_size,
                       patience, monitor)
     info.update(train_draws=int(train_draws), val_draws=data.n_draws if val_draws is None else int(val_draws),
@@ -789,7 +617,7 @@ def run_ablation(data: dict, epochs: int, seed: int = 42, n_boot: int = 1000, ba
     Every run uses the same seed, epochs, early stopping and test images; only the head kind and the
     pairing change.  The seeded test pairing gets :func:`lib.metrics.binary_report` (bootstrap CIs,
     ``n_boot``); ``averaged`` pools the seeded pairing and every test re-pairing into one AUC and AP.
-    ``tabular_branches``: ``{suffix: model from fit_tabular_branch}`` (suffix ``""`` for the honest
+    ``tabular_branches``: ``{suffix: model from lib.tabular.mlp.fit_branch}`` (suffix ``""`` for the honest
     features, :data:`SCREENING` for the demonstration) - the frozen tabular tower of every head whose
     pairing key ends with that suffix.
     """

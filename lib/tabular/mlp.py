@@ -193,32 +193,72 @@ def load_preprocessor(path) -> TabularPreprocessor:
 # --------------------------------------------------------------------------- models
 
 
-def build_mlp(n_features: int, hidden=(128, 64), dropout: float = 0.3, embedding_dim: int = 64,
-              lr: float = 1e-4):
-    """Keras functional MLP: ``tabular`` input -> [Dense -> BatchNorm -> ReLU -> Dropout] per
-    ``hidden`` width -> ``tabular_embedding`` (Dense ``embedding_dim``, ReLU) -> Dropout -> ``risk``
-    (Dense 1, sigmoid).  Compiled with Adam(``lr``), binary cross-entropy, AUC and PR-AUC metrics.
+#: the tabular tower's sizes and rate: the original's two hidden layers, 64-d ``tabular_embedding``,
+#: dropout 0.3 and Adam 1e-4 (the fusion heads of lib.fusion.hybrid use the same)
+HIDDEN = (128, 64)
+EMBEDDING_DIM = 64
+DROPOUT = 0.3
+LEARNING_RATE = 1e-4
+
+
+def tower_layer_names(hidden=HIDDEN) -> list[str]:
+    """The tower's layers with weights: what notebook 04 trains and 05's fusion heads reuse, frozen."""
+    names = []
+    for i in range(1, len(hidden) + 1):
+        names += [f"tab_dense_{i}", f"tab_batchnorm_{i}"]
+    return names + [EMBEDDING_LAYER]
+
+
+def tower(t, get, hidden=HIDDEN, embedding_dim: int = EMBEDDING_DIM, dropout: float = DROPOUT, seed: int = 42):
+    """The one tabular tower, applied to the tensor ``t``: [Dense -> BatchNorm -> ReLU -> Dropout] per
+    ``hidden`` width, then ``tabular_embedding`` (Dense ``embedding_dim``, ReLU).
+
+    ``get(name, factory)`` returns the layer to use under ``name`` (made once by ``factory``), so the
+    MLP here and every fusion head of :mod:`lib.fusion.hybrid` build the same layers under the same
+    names and a trained tower's weights move between them by name.  Dropout seeds derive from ``seed``.
+    """
+    from keras import layers
+
+    if not 0 <= dropout < 1:
+        raise ValueError(f"parameter 'dropout': expected a value in [0, 1), got {dropout!r}")
+    for i, width in enumerate(hidden, start=1):
+        t = get(f"tab_dense_{i}", lambda n, w=width: layers.Dense(w, use_bias=False, name=n))(t)
+        t = get(f"tab_batchnorm_{i}", lambda n: layers.BatchNormalization(name=n))(t)
+        t = get(f"tab_relu_{i}", lambda n: layers.Activation("relu", name=n))(t)
+        t = get(f"tab_dropout_{i}", lambda n, i=i: layers.Dropout(dropout, seed=seed + 10 + i, name=n))(t)
+    return get(EMBEDDING_LAYER, lambda n: layers.Dense(embedding_dim, activation="relu", name=n))(t)
+
+
+def layer_factory():
+    """A fresh ``get(name, factory)`` for :func:`tower`: each name made once."""
+    made = {}
+
+    def get(name, factory):
+        if name not in made:
+            made[name] = factory(name)
+        return made[name]
+
+    return get
+
+
+def build_mlp(n_features: int, hidden=HIDDEN, dropout: float = DROPOUT, embedding_dim: int = EMBEDDING_DIM,
+              lr: float = LEARNING_RATE, seed: int = 42):
+    """Keras functional MLP: ``tabular`` input -> :func:`tower` -> Dropout -> ``risk`` (Dense 1, sigmoid).
+    Compiled with Adam(``lr``), binary cross-entropy, AUC and PR-AUC metrics.
     """
     import keras
     from keras import layers
 
     if not isinstance(n_features, (int, np.integer)) or n_features < 1:
         raise ValueError(f"parameter 'n_features': expected a positive integer, got {n_features!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"parameter 'dropout': expected a value in [0, 1), got {dropout!r}")
     inp = keras.Input(shape=(int(n_features),), name=INPUT_LAYER)
-    x = inp
-    for i, width in enumerate(hidden, start=1):
-        x = layers.Dense(width, use_bias=False, name=f"dense_{i}")(x)
-        x = layers.BatchNormalization(name=f"batchnorm_{i}")(x)
-        x = layers.Activation("relu", name=f"relu_{i}")(x)
-        x = layers.Dropout(dropout, name=f"dropout_{i}")(x)
-    emb = layers.Dense(embedding_dim, activation="relu", name=EMBEDDING_LAYER)(x)
-    x = layers.Dropout(dropout, name="embedding_dropout")(emb)
+    emb = tower(inp, layer_factory(), hidden, embedding_dim, dropout, seed)
+    x = layers.Dropout(dropout, seed=seed + 1, name="embedding_dropout")(emb)
     out = layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
     model = keras.Model(inp, out, name="tabular_mlp")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="ap")])
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -230,148 +270,42 @@ def embedding_model(model):
                        name="tabular_branch")
 
 
-def class_weights(y) -> dict:
-    """Balanced class weights ``n / (2 * n_class)`` for 0/1 labels."""
-    y = np.asarray(y).astype(int)
-    n, n1 = len(y), int(y.sum())
-    if n1 == 0 or n1 == n:
-        raise ValueError(f"y: expected both classes to compute class weights, got {n1} positives of {n}")
-    return {0: n / (2 * (n - n1)), 1: n / (2 * n1)}
-
-
-class MLPTrainer:
-    """Trains :func:`build_mlp` models fast on CPU: one compiled TensorFlow function per epoch.
-
-    ``keras.Model.fit`` costs ~0.2-0.3 s of CPU per epoch for this tiny model (tf.data iterators,
-    callbacks) plus ~4 s of tracing per new model; cross-validation trains dozens of models for
-    up to 200 epochs.  The trainer traces once and reuses one graph: :meth:`reset` loads a freshly
-    seeded model's weights, BatchNorm statistics, dropout seeds and a zeroed optimizer.  Per step
-    it does what ``fit(..., class_weight=...)`` does: Adam on the class-weighted binary
-    cross-entropy (sum over the batch / batch size), BatchNorm and dropout in training mode.
-    """
-
-    def __init__(self, n_features: int, batch_size: int = 32, **mlp_kwargs):
-        import keras
-        import tensorflow as tf
-
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"parameter 'batch_size': expected a positive integer, got {batch_size!r}")
-        self.n_features, self.batch_size, self.mlp_kwargs = int(n_features), int(batch_size), mlp_kwargs
-        self.model = build_mlp(self.n_features, **mlp_kwargs)
-        opt = self.model.optimizer
-        opt.build(self.model.trainable_variables)
-        self._opt_init = [v.numpy() for v in opt.variables]
-        loss_fn = keras.losses.BinaryCrossentropy()
-        model, bs = self.model, self.batch_size
-        x_spec = tf.TensorSpec([None, self.n_features], tf.float32)
-
-        @tf.function(input_signature=[x_spec, tf.TensorSpec([None, 1], tf.float32),
-                                      tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.int32)])
-        def train_epoch(x, y, w, perm):
-            n_batches = (tf.shape(perm)[0] + bs - 1) // bs
-            total = tf.constant(0.0)
-            for i in tf.range(n_batches):
-                idx = perm[i * bs:(i + 1) * bs]
-                with tf.GradientTape() as tape:
-                    loss = loss_fn(tf.gather(y, idx), model(tf.gather(x, idx), training=True),
-                                   sample_weight=tf.gather(w, idx))
-                grads = tape.gradient(loss, model.trainable_variables)
-                opt.apply(grads, model.trainable_variables)
-                total += loss
-            return total / tf.cast(n_batches, tf.float32)
-
-        @tf.function(input_signature=[x_spec])
-        def predict(x):
-            return model(x, training=False)
-
-        self._train_epoch, self._predict = train_epoch, predict
-
-    def reset(self, seed: int) -> None:
-        """Fresh weights as ``build_mlp`` makes them after ``keras.utils.set_random_seed(seed)``."""
-        import keras
-
-        keras.utils.set_random_seed(seed)
-        fresh = build_mlp(self.n_features, **self.mlp_kwargs)
-        for var, new in zip(self.model.variables, fresh.variables):  # weights, BN stats, dropout seeds
-            var.assign(new.value)
-        for var, init in zip(self.model.optimizer.variables, self._opt_init):
-            var.assign(init)
-
-    def predict(self, x) -> np.ndarray:
-        return self._predict(np.asarray(x, dtype="float32")).numpy().ravel()
-
-    def fit(self, x, y, epochs: int, seed: int = 42, x_val=None, y_val=None, patience: int = 20) -> dict:
-        """Train from :meth:`reset` ``(seed)``; with validation data, early-stop on validation AUC
-        (``patience`` epochs) and restore the best weights.  Returns ``{"epochs_run", "best_epoch", "val_auc"}``."""
-        self.reset(seed)
-        x = np.asarray(x, dtype="float32")
-        y = np.asarray(y).astype("float32")
-        cw = class_weights(y)
-        w = np.where(y == 1, cw[1], cw[0]).astype("float32")
-        y2 = y.reshape(-1, 1)
-        rng = np.random.default_rng(seed)
-        best_auc, best_epoch, best_weights, wait = -np.inf, 0, None, 0
-        epoch = 0
-        for epoch in range(1, int(epochs) + 1):
-            self._train_epoch(x, y2, w, rng.permutation(len(y)).astype("int32"))
-            if x_val is None:
-                continue
-            auc = metrics.roc_auc(y_val, self.predict(x_val))
-            if auc > best_auc:
-                best_auc, best_epoch, best_weights, wait = auc, epoch, self.model.get_weights(), 0
-            else:
-                wait += 1
-                if wait >= patience:
-                    break
-        if best_weights is not None:
-            self.model.set_weights(best_weights)
-        else:
-            best_epoch = epoch
-        return {"epochs_run": epoch, "best_epoch": best_epoch,
-                "val_auc": float(best_auc) if np.isfinite(best_auc) else float("nan")}
-
-
-def train_mlp(x, y, epochs: int, seed: int = 42, batch_size: int = 32, val_fraction: float = 0.2,
-              patience: int = 20, early_stopping: bool = True, engine: str = "loop", trainer=None,
-              **mlp_kwargs):
-    """Build and train :func:`build_mlp` on preprocessed ``x``; returns ``(model, info)``.
-
-    With ``early_stopping`` an inner stratified ``val_fraction`` of (x, y) is held out, training
-    stops when its AUC has not improved for ``patience`` epochs, and the best weights are restored.
-    Without, trains on all rows for exactly ``epochs``.  Class weights come from the rows trained on.
-    ``engine="loop"`` (default) uses :class:`MLPTrainer` (pass ``trainer`` to reuse its compiled
-    graph); ``engine="fit"`` is the same recipe written with ``model.fit`` - readable, ~10x slower.
-    ``info``: ``epochs_run``, ``best_epoch`` (1-based), ``val_auc``.
-    """
-    x = np.asarray(x, dtype="float32")
-    y = np.asarray(y).astype("float32")
-    if early_stopping:
-        from sklearn.model_selection import train_test_split
-
-        tr, val = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y, random_state=seed)
-    else:
-        tr, val = np.arange(len(y)), None
-    if engine == "loop":
-        trainer = trainer or MLPTrainer(x.shape[1], batch_size=batch_size, **mlp_kwargs)
-        if trainer.n_features != x.shape[1]:
-            raise ValueError(f"trainer: built for {trainer.n_features} features, x has {x.shape[1]}")
-        info = trainer.fit(x[tr], y[tr], epochs, seed=seed, x_val=None if val is None else x[val],
-                           y_val=None if val is None else y[val], patience=patience)
-        return trainer.model, info
-    if engine != "fit":
-        raise ValueError(f"parameter 'engine': expected 'loop' or 'fit', got {engine!r}")
+def fresh_mlp(n_features: int, seed: int, **mlp_kwargs):
+    """:func:`build_mlp` after ``keras.utils.set_random_seed(seed)``: every initialiser and dropout seeded."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = build_mlp(x.shape[1], **mlp_kwargs)
-    kw = dict(epochs=int(epochs), batch_size=batch_size, class_weight=class_weights(y[tr]), verbose=0)
-    if val is None:
-        hist = model.fit(x, y, **kw)
-        return model, {"epochs_run": len(hist.history["loss"]), "best_epoch": int(epochs), "val_auc": float("nan")}
-    stop = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True)
-    hist = model.fit(x[tr], y[tr], validation_data=(x[val], y[val]), callbacks=[stop], **kw)
-    return model, {"epochs_run": len(hist.history["loss"]), "best_epoch": int(stop.best_epoch) + 1,
-                   "val_auc": float(max(hist.history["val_auc"]))}
+    return build_mlp(n_features, seed=seed, **mlp_kwargs)
+
+
+def train_mlp(x, y, epochs: int, seed: int = 42, batch_size: int = 32, val_fraction: float = 0.2,
+              patience: int = 20, trainer=None, **mlp_kwargs):
+    """Build and train :func:`build_mlp` on preprocessed ``x`` with :class:`lib.training.BinaryTrainer`;
+    returns ``(model, info)``.
+
+    An inner stratified ``val_fraction`` of (x, y) is held out; training stops when its AUC has not
+    improved for ``patience`` epochs and the best weights are restored.  Class weights come from the
+    rows trained on.  Pass ``trainer`` (a ``BinaryTrainer`` of a ``build_mlp`` model with as many
+    inputs) to reuse its traced graph: it is reset to the fresh model of ``seed`` first.
+    ``info``: ``epochs_run``, ``best_epoch`` (1-based), ``val_auc`` and the loop's record.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from lib.training import BinaryTrainer
+
+    x = np.asarray(x, dtype="float32")
+    y = np.asarray(y).astype("float32")
+    tr, val = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y, random_state=seed)
+    fresh = fresh_mlp(x.shape[1], seed, **mlp_kwargs)
+    if trainer is None:
+        trainer = BinaryTrainer(fresh, batch_size)
+    elif trainer.model.input_shape[-1] != x.shape[1]:
+        raise ValueError(f"trainer: built for {trainer.model.input_shape[-1]} features, x has {x.shape[1]}")
+    else:
+        trainer.reset(fresh)
+    info = trainer.fit(x[tr], y[tr], x[val], y[val], epochs, seed, patience, monitor="val_auc")
+    info["val_auc"] = info["best_val_auc"]
+    return trainer.model, info
 
 
 SKLEARN_DEFAULTS = {
@@ -453,6 +387,8 @@ def cross_validate(data, model="mlp", include_leaky: bool = False, n_splits: int
     """
     from tqdm import tqdm
 
+    from lib.training import BinaryTrainer
+
     for name, value, low in (("n_splits", n_splits, 2), ("n_repeats", n_repeats, 1), ("epochs", epochs, 1),
                              ("batch_size", batch_size, 1), ("patience", patience, 1)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -477,10 +413,12 @@ def cross_validate(data, model="mlp", include_leaky: bool = False, n_splits: int
             t0 = time.perf_counter()
             info = {}
             if m == "mlp":
-                if trainer is None or trainer.n_features != x_tr.shape[1]:
-                    trainer = MLPTrainer(x_tr.shape[1], batch_size=batch_size, **(mlp_kwargs or {}))
-                _, info = train_mlp(x_tr, y[tr], epochs=epochs, seed=fold_seed, patience=patience, trainer=trainer)
+                if trainer is None or trainer.model.input_shape[-1] != x_tr.shape[1]:  # traced once, reset per fold
+                    trainer = BinaryTrainer(build_mlp(x_tr.shape[1], **(mlp_kwargs or {})), batch_size)
+                _, info = train_mlp(x_tr, y[tr], epochs=epochs, seed=fold_seed, batch_size=batch_size,
+                                    patience=patience, trainer=trainer, **(mlp_kwargs or {}))
                 score = trainer.predict(x_te)
+                info = {k: info[k] for k in ("epochs_run", "best_epoch", "val_auc")}
             else:
                 clf = _sklearn_model(m, fold_seed, **(model_params or {}).get(m, {})).fit(x_tr, y[tr])
                 score = clf.predict_proba(x_te)[:, 1]
@@ -499,38 +437,126 @@ def cross_validate(data, model="mlp", include_leaky: bool = False, n_splits: int
 # --------------------------------------------------------------------------- final model
 
 
+#: every non-binary UCI feature is an age, a count or a number of years: none is negative or above this
+PLAUSIBLE_MAX = 120.0
+
+
+def feature_ranges(frame: pd.DataFrame) -> dict:
+    """Per column: ``train_min``/``train_max`` (observed), ``binary`` and the ``allowed`` [low, high]
+    that :mod:`lib.serve.inference` enforces: [0, 1] for 0/1 columns, else [min(0, train_min),
+    max(120, train_max)] (ages, counts and years of a human life)."""
+    out = {}
+    for c in frame.columns:
+        v = frame[c].dropna().to_numpy(dtype="float64")
+        lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+        binary = bool(len(v)) and bool(np.isin(v, [0.0, 1.0]).all())
+        allowed = [0.0, 1.0] if binary else [min(0.0, lo), max(PLAUSIBLE_MAX, hi)]
+        out[c] = {"train_min": lo, "train_max": hi, "binary": binary, "allowed": allowed}
+    return out
+
+
+def fit_preprocessor(uci_frame, uci_split, include_leaky: bool = False, target: str = TARGET):
+    """:func:`make_preprocessor` fitted on the UCI **train** records of ``uci_split`` only; returns
+    ``(TabularPreprocessor, features of every row (n_rows, k) float32, columns)``.
+
+    The leaky screening columns (Hinselmann, Schiller, Citology) are excluded unless ``include_leaky``
+    (the labelled demonstration).  The metadata holds the training ranges (:func:`feature_ranges`)
+    that the inference tools enforce."""
+    frame = getattr(uci_frame, "frame", uci_frame)
+    cols = feature_columns(frame, include_leaky=include_leaky, target=target)
+    train = pd.Series(uci_split, index=frame.index).astype(str).to_numpy() == "train"
+    if not train.any():
+        raise ValueError("uci_split: no record is marked 'train'")
+    pipe = make_preprocessor(cols).fit(frame.loc[train, cols])
+    meta = dict(target=target, include_leaky=bool(include_leaky), fitted_on="UCI train records of the run's UCI split",
+                n_rows=int(train.sum()), n_pos=int(frame.loc[train, target].sum()),
+                feature_ranges=feature_ranges(frame.loc[train, cols]), input_layer=INPUT_LAYER,
+                embedding_layer=EMBEDDING_LAYER, output_layer=OUTPUT_LAYER)
+    pre = TabularPreprocessor.from_pipeline(pipe, metadata=meta)
+    return pre, pre.transform(frame).astype("float32"), cols
+
+
 @dataclass
-class FinalModel:
-    model: object                 # keras.Model
+class Branch:
+    """The tabular branch: the trained MLP, its preprocessor and what its training measured."""
+
+    model: object                 # keras.Model from build_mlp
     preprocessor: TabularPreprocessor
-    model_path: Path
-    preprocessor_path: Path
+    info: dict                    # epochs_run, best_epoch, best_val_auc, test_auc, n_train/val/test, include_leaky
 
 
-def fit_final(data, epochs: int, profile: str = "smoke", seed: int = 42, batch_size: int = 32,
-              target: str = TARGET, models_dir=None, **mlp_kwargs) -> FinalModel:
-    """Fit preprocessing + MLP on ALL rows (leaky columns never included) and save both.
+def fit_branch(uci_frame, uci_split, epochs: int, seed: int = 42, batch_size: int = 32, patience: int = 20,
+               include_leaky: bool = False, target: str = TARGET, **mlp_kwargs) -> Branch:
+    """The tabular branch on its own data: preprocessing and :func:`build_mlp` fitted on the **training
+    records** of the run's UCI split, early stopping on the validation records' AUC, scored once on the
+    test records (``info["test_auc"]``; compare with the published anchor for risk factors alone).
 
-    No rows are left for early stopping, so train for a fixed ``epochs``; pass the median best
-    epoch from :func:`cross_validate`.  Writes ``tabular_mlp.keras`` and ``tabular_preprocessor.json``
-    to ``models_dir`` (default :func:`lib.config.models_dir` of ``profile``), atomically.
+    Notebook 04 trains and saves it; notebook 05 puts its tower, frozen, under every fusion head, so
+    each branch learns from its own data and the fusion heads learn only how to combine them.
     """
-    frame = data.frame if isinstance(data, UciData) else data
-    cols = feature_columns(frame, include_leaky=False, target=target)
+    from lib.training import fit_binary
+
+    frame = getattr(uci_frame, "frame", uci_frame)
+    pre, x, cols = fit_preprocessor(frame, uci_split, include_leaky, target)
     y = frame[target].to_numpy().astype(int)
-    pipe = make_preprocessor(cols).fit(frame[cols])
-    x = pipe.transform(frame[cols])
-    model, info = train_mlp(x, y, epochs=int(epochs), seed=seed, batch_size=batch_size, early_stopping=False,
-                            **mlp_kwargs)
-    out = Path(models_dir) if models_dir is not None else config.models_dir(profile)
-    model_path, pre_path = out / MODEL_FILE, out / PREPROCESSOR_FILE
-    with atomic_path(model_path) as tmp:
-        model.save(tmp)
-    meta = dict(target=target, include_leaky=False, n_rows=len(frame), n_pos=int(y.sum()), epochs=int(epochs),
-                seed=seed, model_file=MODEL_FILE, input_layer=INPUT_LAYER, embedding_layer=EMBEDDING_LAYER,
-                output_layer=OUTPUT_LAYER)
-    save_preprocessor(pipe, pre_path, metadata=meta)
-    return FinalModel(model, load_preprocessor(pre_path), model_path, pre_path)
+    s = pd.Series(uci_split, index=frame.index).astype(str).to_numpy()
+    model = fresh_mlp(x.shape[1], seed, **mlp_kwargs)
+    tr, va, te = (s == "train"), (s == "val"), (s == "test")
+    info = fit_binary(model, x[tr], y[tr], x[va], y[va], epochs, seed, batch_size, patience, monitor="val_auc")
+    info.pop("history")
+    info.update(test_auc=metrics.roc_auc(y[te], model.predict(x[te], verbose=0).ravel()) if 0 < y[te].sum() < te.sum()
+                else None, n_train=int(tr.sum()), n_val=int(va.sum()), n_test=int(te.sum()),
+                include_leaky=bool(include_leaky), seed=int(seed), columns=list(cols))
+    pre.metadata.update(branch={k: v for k, v in info.items() if k != "columns"})
+    return Branch(model, pre, info)
+
+
+def save_branch(branch: Branch, model_path, preprocessor_path) -> None:
+    """The model (``.keras``) and its preprocessor (JSON, with the training record), each atomically."""
+    with atomic_path(Path(model_path)) as tmp:
+        branch.model.save(tmp)
+    write_json(Path(preprocessor_path), branch.preprocessor.to_dict())
+
+
+def load_branch(model_path, preprocessor_path) -> Branch:
+    """What :func:`save_branch` wrote; a clear error names a missing or foreign file."""
+    import keras
+
+    for path in (model_path, preprocessor_path):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tabular branch file not found: {path} (notebook 04 writes it)")
+    pre = load_preprocessor(preprocessor_path)
+    model = keras.models.load_model(model_path)
+    try:
+        model.get_layer(EMBEDDING_LAYER)
+    except ValueError:
+        raise ValueError(f"{model_path}: no layer {EMBEDDING_LAYER!r}; expected a model from lib.tabular.mlp.build_mlp") from None
+    if model.input_shape[-1] != pre.n_features_out:
+        raise ValueError(f"{model_path}: {model.input_shape[-1]} inputs, but {preprocessor_path} makes {pre.n_features_out}")
+    return Branch(model, pre, dict(pre.metadata.get("branch", {}), columns=list(pre.columns)))
+
+
+def branch_for_fusion(run, uci_frame, uci_split, epochs: int, screening: bool = False) -> Branch:
+    """Notebook 05's tabular branch: notebook 04's saved one when it was trained on this run's UCI split
+    with this seed, else the same :func:`fit_branch`, in memory, with the reason in ``info["source"]``."""
+    suffix = "_screening" if screening else ""
+    model_path, pre_path = run.path("tabular_model" + suffix), run.path("tabular_preprocessor" + suffix)
+    s = pd.Series(uci_split).astype(str)
+    frame = getattr(uci_frame, "frame", uci_frame)
+    want = dict(seed=int(run.params["seed"]), include_leaky=bool(screening), n_train=int((s == "train").sum()),
+                n_val=int((s == "val").sum()), n_test=int((s == "test").sum()))
+    if model_path.is_file() and pre_path.is_file():
+        saved = load_branch(model_path, pre_path)
+        got = {k: saved.info.get(k) for k in want}
+        if got == want:
+            saved.info["source"] = f"notebook 04's, reloaded from {run.relpath(model_path)}"
+            return saved
+        why = f"the saved one was trained with {got}, this run needs {want}"
+    else:
+        why = f"{run.relpath(model_path)} not found (notebook 04 has not run in this build folder)"
+    b = fit_branch(frame, s.to_numpy(), epochs=epochs, seed=want["seed"], include_leaky=screening)
+    b.info["source"] = f"trained here with notebook 04's recipe: {why}"
+    return b
 
 
 # --------------------------------------------------------------------------- tables and figures
