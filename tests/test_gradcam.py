@@ -331,16 +331,3 @@ def test_notebook06_inputs_missing_or_mismatched_give_clear_errors(tmp_path):
         gradcam.explained_test_split(ds, 2, seed=42, record={"classes": ["a", "b"], "n_test": len(test) + 1})
 
 
-def test_stratified_sample_keeps_shares_and_is_seeded():
-    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
-    idx = gradcam.stratified_sample(y, 10, seed=1)
-    assert len(idx) == 10 and len(set(idx)) == 10 and list(idx) == sorted(idx)
-    assert np.bincount(y[idx]).tolist() == [5, 3, 2]
-    np.testing.assert_array_equal(idx, gradcam.stratified_sample(y, 10, seed=1))
-    assert not np.array_equal(idx, gradcam.stratified_sample(y, 10, seed=2))
-    np.testing.assert_array_equal(gradcam.stratified_sample(y, None), np.arange(100))
-    np.testing.assert_array_equal(gradcam.stratified_sample(y, 500), np.arange(100))
-    rare = np.array([0] * 98 + [1, 2])
-    assert set(rare[gradcam.stratified_sample(rare, 5, seed=0)]) == {0, 1, 2}  # every class kept
-    with pytest.raises(ValueError, match="'n'"):
-        gradcam.stratified_sample(y, 0)

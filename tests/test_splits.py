@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from lib.data.manifest import CLASSES, sipakmed_manifest
+from lib.data import splits
 from lib.data.splits import SPLITS, assert_no_group_leak, grouped_split, split_summary
 
 
@@ -170,3 +171,26 @@ def test_split_summary_exact_counts():
         "y": {"train": 1, "val": 1, "test": 1, "total": 3},
         "total": {"train": 2, "val": 1, "test": 2, "total": 5},
     }
+
+
+def test_stratified_sample_keeps_shares_and_is_seeded():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    idx = splits.stratified_sample(y, 10, seed=1)
+    assert len(idx) == 10 and len(set(idx)) == 10 and list(idx) == sorted(idx)
+    assert np.bincount(y[idx]).tolist() == [5, 3, 2]
+    np.testing.assert_array_equal(idx, splits.stratified_sample(y, 10, seed=1))
+    assert not np.array_equal(idx, splits.stratified_sample(y, 10, seed=2))
+    np.testing.assert_array_equal(splits.stratified_sample(y, None), np.arange(100))
+    np.testing.assert_array_equal(splits.stratified_sample(y, 500), np.arange(100))
+    rare = np.array([0] * 98 + [1, 2])
+    assert set(rare[splits.stratified_sample(rare, 5, seed=0)]) == {0, 1, 2}  # every class kept
+    with pytest.raises(ValueError, match="'n'"):
+        splits.stratified_sample(y, 0)
+
+
+def test_stratified_rows_keeps_table_order_and_labels():
+    t = pd.DataFrame({"label": ["a"] * 30 + ["b"] * 10, "v": range(40)})
+    r = splits.stratified_rows(t, 8, seed=3)
+    assert len(r) == 8 and r["label"].value_counts().to_dict() == {"a": 6, "b": 2}
+    assert r.index.is_monotonic_increasing
+    assert splits.stratified_rows(t, None).equals(t)

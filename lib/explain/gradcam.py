@@ -873,31 +873,3 @@ def explain_fusion(path, images, branch_maps, batch_size: int = 32):
                    branch_vs_fusion_spearman=float(np.nanmean(agreement(branch_maps, tape))),
                    n_images=int(len(images)), tabular_input="zeros (training mean after standardisation)")
     return dict(risk=risk, tape=tape, tfkv=tfkv, summary=summary)
-
-
-def stratified_sample(labels, n: int | None, seed: int = 42) -> np.ndarray:
-    """Sorted indices of at most ``n`` items, each label's share kept (largest remainders), seeded.
-
-    ``None`` or ``n >= len(labels)``: every index.  Every label present keeps at least one item when
-    ``n`` allows, so per-class tables stay complete.
-    """
-    labels = np.asarray(labels)
-    total = len(labels)
-    if n is None or n >= total:
-        return np.arange(total)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"parameter 'n': expected None or a positive integer, got {n!r}")
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    share = counts * n / total
-    take = np.maximum(np.floor(share).astype(int), 1 if n >= len(classes) else 0)
-    order = np.argsort(-(share - np.floor(share)), kind="stable")
-    for i in order:
-        if take.sum() >= n:
-            break
-        take[i] += 1
-    while take.sum() > n:  # the minimum of one per class overshot: trim the largest
-        take[np.argmax(take)] -= 1
-    picked = [rng.choice(np.flatnonzero(labels == c), size=min(k, cnt), replace=False)
-              for c, k, cnt in zip(classes, take, counts)]
-    return np.sort(np.concatenate(picked)).astype(int)

@@ -259,17 +259,6 @@ def regularized_recipe(n_classes: int, backbone: str = "efficientnet_lite0", ima
         label_smoothing=float(label_smoothing)))
 
 
-def stratified_subset(table, n: int | None, seed: int = 42):
-    """At most ``n`` rows of ``table``, proportionally per ``label`` (seeded); all rows when ``n`` is None."""
-    if n is None or n >= len(table):
-        return table
-    frac = n / len(table)
-    parts = [g.sample(n=max(1, int(round(len(g) * frac))), random_state=seed) for _, g in table.groupby("label", sort=True)]
-    import pandas as pd
-
-    return pd.concat(parts).sort_index()
-
-
 # --------------------------------------------------------------------------- training
 def _epoch_logger_class():
     import keras
