@@ -99,12 +99,14 @@ def test_completeness_of_a_folder_and_of_a_dataset(tmp_path, sipakmed_tree):
     from lib.data.image_data import load_sipakmed
 
     root = sipakmed_tree(tmp_path / "sip")
-    rep = M.completeness(root)
+    rep = M.completeness(load_sipakmed(root, on_bad="skip"))
     # Koilocytotic cluster 003 has one cell in SIPaKMeD, so the tree's 003_02 is extra
     assert rep.per_class.loc["total"].tolist() == [4049, 13, 4037, 1]
     assert rep.extra == ["Koilocytotic/003_02.bmp"]
     assert "Dyskeratotic/001_01.bmp" not in rep.missing and "Dyskeratotic/001_03.bmp" in rep.missing
     assert M.completeness(load_sipakmed(root)).missing == rep.missing
+    with pytest.raises(ValueError, match="load_sipakmed"):  # a folder is the loader's job
+        M.completeness(root)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -133,13 +133,12 @@ def _found_keys(found) -> pd.DataFrame:
     """Normalise what was found to a DataFrame with ``class, file_name``."""
     if hasattr(found, "table") and isinstance(getattr(found, "table"), pd.DataFrame):
         found = found.table  # an ImageDataset
-    if isinstance(found, (str, Path)):
-        from lib.data.image_data import load_sipakmed
-
-        found = load_sipakmed(found, on_bad="skip").table
+    if isinstance(found, (str, Path)):  # the file list knows names, not how to read folders (no import cycle)
+        raise ValueError(f"completeness(found_table): got the folder {found}; pass "
+                         "lib.data.image_data.load_sipakmed(folder, on_bad='skip') instead")
     if not isinstance(found, pd.DataFrame):
         raise ValueError(
-            f"completeness(found_table): expected a DataFrame, an ImageDataset or a SIPaKMeD folder, got {type(found).__name__}"
+            f"completeness(found_table): expected a DataFrame or an ImageDataset, got {type(found).__name__}"
         )
     cls_col = "class" if "class" in found.columns else "label" if "label" in found.columns else None
     if cls_col is None:
@@ -157,8 +156,8 @@ def completeness(found_table, manifest: pd.DataFrame | None = None) -> Completen
     """Compare found files with the manifest (default: the bundled SIPaKMeD list).
 
     ``found_table``: an image table (``label`` + ``path``), any DataFrame with
-    ``class``/``label`` and ``file_name``/``path``, an ``ImageDataset``, or a SIPaKMeD
-    folder (loaded with ``on_bad="skip"``).  Files are matched on (class, file name), so a
+    ``class``/``label`` and ``file_name``/``path``, or an ``ImageDataset`` (for a folder, load it
+    with ``lib.data.image_data.load_sipakmed(folder, on_bad="skip")`` first).  Files are matched on (class, file name), so a
     file in the wrong class folder counts as missing there and extra where it is.
     """
     manifest = sipakmed_manifest() if manifest is None else manifest
