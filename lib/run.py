@@ -125,6 +125,14 @@ def check_inputs(data_dir=None, data_source="auto", dataset=None, abnormal_class
                 group_pattern=group_pattern)
 
 
+def artifact_path(profile: str, artifact: str, build=None) -> Path:
+    """Where ``artifact`` of the run of ``profile`` lives, without opening the run: for readers such as
+    the web app.  :meth:`Run.path` is the same name for an open run."""
+    if artifact not in ARTIFACTS:
+        raise KeyError(f"unknown artifact {artifact!r}; known: {sorted(ARTIFACTS)}")
+    return config.build_dir(build) / profile / ARTIFACTS[artifact]
+
+
 def saved_split(profile: str, build=None) -> pd.DataFrame | None:
     """The split a run saved (``split.csv`` with absolute image paths, from ``run.json``'s dataset root),
     without loading or checking the images: for readers such as the web app. None when no run is saved."""
@@ -235,9 +243,7 @@ class Run:
 
     def path(self, artifact: str) -> Path:
         """Where an artifact lives (its folder is created); the only place that names them."""
-        if artifact not in ARTIFACTS:
-            raise KeyError(f"unknown artifact {artifact!r}; known: {sorted(ARTIFACTS)}")
-        p = self.root / ARTIFACTS[artifact]
+        p = artifact_path(self.profile, artifact, self.root.parent)
         (p if "." not in p.name else p.parent).mkdir(parents=True, exist_ok=True)
         return p
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
-    """``build/<profile>/`` as notebooks 03 and 05 leave it: image branch, hybrid, preprocessor, card, 03's record.
+    """``build/<profile>/`` as notebooks 03 and 05 leave it: image branch, hybrid, preprocessor and card.
 
     The models are tiny and untrained (the app is under test, not them); the preprocessor is fitted on the
     real UCI table, so the form has the kit's real fields and ranges.
@@ -39,9 +39,7 @@ def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
     from lib.tabular import mlp
 
     models = build / profile / "models"
-    metrics = build / profile / "metrics"
     models.mkdir(parents=True)
-    metrics.mkdir(parents=True)
     branch = tiny_branch(len(CLASSES), SIZE)
     branch.save(models / "image_branch.keras")
     data = uci.load_uci()
@@ -51,8 +49,6 @@ def make_run(build: Path, profile: str = "smoke", classes=CLASSES) -> Path:
     card = {"name": "hybrid_cervical_model", "threshold": 0.5, "synthetic": True, "image_classes": list(classes),
             "abnormal_classes": ABNORMAL if classes == CLASSES else list(classes[-2:]), "profile": profile}
     hybrid.save_hybrid(model, models, preprocessor=pre, card=card)
-    (metrics / "03_image_branch.json").write_text(json.dumps(
-        {"data_source": "sipakmed-kaggle", "classes": list(classes), "params": {"seed": 42}}))
     return build / profile
 
 
@@ -84,6 +80,9 @@ def world(tmp_path_factory):
     mp.setenv("CERVICAL_KIT_DATA", str(root / "data"))
     mp.setenv("CERVICAL_KIT_CACHE", str(root / "cache"))
     make_run(root / "build")
+    from lib.run import Run
+
+    Run.open("smoke", data_dir=str(root / "data"), build=root / "build")  # run.json + split.csv: the gallery's source
     from lib.serve import app
 
     demo, url = app.launch("smoke", port=free_port(), block=False, quiet=True)

@@ -312,22 +312,8 @@ def test_agreement_table_per_class_means_and_total():
 
 
 def test_notebook06_inputs_missing_or_mismatched_give_clear_errors(tmp_path):
-    import pandas as pd
-
-    from lib.data.image_data import ImageDataset
-
     with pytest.raises(FileNotFoundError, match="run notebooks/03_image_branch.ipynb first"):
         gradcam.load_explained_model("smoke", models_dir=tmp_path)
     assert gradcam.explain_fusion(tmp_path / "hybrid_cervical_model.keras", np.zeros((1, 8, 8, 3)), None) is None
-    table = pd.DataFrame({"path": [f"{i}.bmp" for i in range(20)], "label": ["a", "b"] * 10,
-                          "label_idx": [0, 1] * 10, "group": [f"a_{i // 2:03d}" for i in range(20)]})
-    ds = ImageDataset(table=table, classes=["a", "b"], abnormal_classes=["b"], source="test", root=tmp_path)
-    with pytest.raises(ValueError, match="saved model predicts 3"):
-        gradcam.explained_test_split(ds, 3, seed=42)
-    test = gradcam.explained_test_split(ds, 2, seed=42)
-    assert len(test) > 0 and list(test.index) == list(range(len(test)))
-    assert len(gradcam.explained_test_split(ds, 2, seed=42, record={"classes": ["a", "b"], "n_test": len(test)})) == len(test)
-    with pytest.raises(ValueError, match="test split differs from notebook 03's"):
-        gradcam.explained_test_split(ds, 2, seed=42, record={"classes": ["a", "b"], "n_test": len(test) + 1})
 
 

@@ -791,27 +791,6 @@ def load_explained_model(profile: str, image_size: int | None = None, backbone: 
     return model
 
 
-def explained_test_split(dataset, n_classes: int, seed: int, record=None):
-    """The test rows notebook 03 held out (same grouped split, same seed), index reset.
-
-    ``record``: notebook 03's metrics dict (its ``classes`` and ``n_test``), checked when given, so a
-    different dataset or seed is an error rather than a quietly different test set.
-    """
-    from lib.data import splits
-
-    classes = list(dataset.classes)
-    if len(classes) != n_classes:
-        raise ValueError(f"the dataset has {len(classes)} classes {classes} but the saved model predicts {n_classes}: "
-                         "was notebook 03 run on other data? Rerun it with the same data_source / data_dir")
-    table = splits.grouped_split(dataset.table, seed=seed)
-    test = table[table["split"] == "test"].reset_index(drop=True)
-    if record is not None and (record.get("classes", classes) != classes or record.get("n_test", len(test)) != len(test)):
-        raise ValueError(f"test split differs from notebook 03's ({record.get('n_test')} images, classes "
-                         f"{record.get('classes')}) vs here ({len(test)}, {classes}): use the same data_source, "
-                         "data_dir, seed and n_per_class")
-    return test
-
-
 def save_gallery_pngs(folder, images, heatmaps, selection, classes, synthetic: bool = False) -> list[str]:
     """One overlay PNG per example of :func:`class_gallery`'s ``selection``: ``gradcam_<class>_<n>.png``.
 

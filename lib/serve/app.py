@@ -64,7 +64,6 @@ class RunFiles:
     hybrid: Path
     preprocessor: Path
     card: Path
-    image_record: Path      # notebook 03's metrics JSON: classes, data source and seed of the test split
     model_card_page: Path   # the report's rendered model card
 
     def missing(self) -> list[str]:
@@ -73,15 +72,18 @@ class RunFiles:
 
 
 def run_files(profile: str) -> RunFiles:
-    """Paths of ``build/<profile>/``'s artifacts (to be replaced by the run object's own names)."""
-    from lib.fusion.hybrid import CARD_FILE, IMAGE_BRANCH_FILE, KERAS_FILE, PREPROCESSOR_FILE
+    """Paths of ``build/<profile>/``'s artifacts, by the names the run object gives them."""
     from lib.report.site import SITE
+    from lib.run import artifact_path
 
-    models = config.models_dir(profile)
-    pre = inference.read_card(models).get("files", {}).get("preprocessor", PREPROCESSOR_FILE) \
-        if (models / CARD_FILE).is_file() else PREPROCESSOR_FILE
-    return RunFiles(profile, models, models / IMAGE_BRANCH_FILE, models / KERAS_FILE, models / pre,
-                    models / CARD_FILE, config.metrics_dir(profile) / "03_image_branch.json",
+    def at(name):
+        return artifact_path(profile, name)
+
+    card = at("hybrid_card")
+    pre = at("hybrid_preprocessor")
+    if card.is_file():  # the card names the preprocessor it was saved with
+        pre = pre.with_name(inference.read_card(card.parent).get("files", {}).get("preprocessor", pre.name))
+    return RunFiles(profile, at("models"), at("image_branch"), at("hybrid_keras"), pre, card,
                     SITE / "model_card.html")
 
 
@@ -189,7 +191,7 @@ def load_run(profile: str | None = None) -> LoadedRun:
     run = LoadedRun(files, card, branch, hybrid, pre, size, float(card.get("threshold", DEFAULT_THRESHOLD)),
                     bool(card.get("synthetic", False)), fields)
     try:
-        run.abnormal_idx, run.abnormal = class_check(card, int(branch.output.shape[-1]))
+        run.abnormal_idx, run.abnormal = inference.abnormal_indices(card, int(branch.output.shape[-1]))
         run.classes = list(card.get("image_classes") or [])
         if not run.classes:
             from lib.data.manifest import CLASSES
@@ -205,11 +207,6 @@ def load_run(profile: str | None = None) -> LoadedRun:
     except InputError as e:
         run.problem = f"run {profile!r} cannot be scored: {e}"
     return run
-
-
-def class_check(card: dict, n_classes: int) -> tuple[list, list]:
-    """Which outputs are abnormal, checked against the card (adapter over inference's own check)."""
-    return inference._abnormal_indices(card, n_classes)
 
 
 # --------------------------------------------------------------------------- requests
@@ -303,43 +300,18 @@ def _split_test_images(profile: str):
 
 
 def test_images(run: LoadedRun) -> tuple[list, str]:
-    """``([(path, caption)], note)``: a few of the run's held-out test images per class for the gallery.
-
-    The split is recomputed as notebook 06 does (same data source, seed and profile), and checked
-    against what notebook 03 recorded; when that is impossible the note says why and the gallery is empty.
-    """
-    import warnings
-
-    from lib.atomic import read_json
-    from lib.data import image_data
-    from lib.explain import gradcam
-
+    """``([(path, caption)], note)``: a few of the run's held-out test images per class for the gallery,
+    read from the split the run saved; when there is none (or its images moved) the note says why."""
     listed = _split_test_images(run.files.profile)
-    if listed is not None:  # the run object's saved split: no recomputation
-        test = listed[listed["path"].map(lambda p: Path(p).is_file())]
-        picked = test.groupby("label", sort=False).head(GALLERY_PER_CLASS)
-        return [(p, c) for p, c in zip(picked["path"], picked["label"])], \
-            f"{len(picked)} of the run's {len(test)} test images"
-    rec_path = run.files.image_record
-    if not rec_path.is_file():
-        return [], f"no gallery: {rec_path.name} (notebook 03's record of its test split) is missing"
-    try:
-        rec = read_json(rec_path)
-        src = str(rec.get("data_source", "auto"))
-        source = "synthetic" if src == "synthetic" else "sipakmed" if src.startswith("sipakmed") else None
-        if source is None:
-            return [], (f"no gallery: the run was trained on a {src!r} dataset whose folder it does not record; "
-                        "upload an image instead")
-        params = config.run_params(run.files.profile, seed=rec.get("params", {}).get("seed"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ds = image_data.load_image_dataset(source, seed=params["seed"], images_per_class=params["images_per_class"])
-        test = gradcam.explained_test_split(ds, len(run.classes), params["seed"], record=rec)
-    except Exception as e:  # the gallery is a convenience: the app works without it
-        return [], f"no gallery: the run's test images cannot be listed ({' '.join(str(e).split())[:200]})"
+    if listed is None:
+        return [], (f"no gallery: run {run.files.profile!r} has no saved split (it was built before the kit saved "
+                    f"one); rebuild it with `{MAKE_RUN}`, or upload an image")
+    test = listed[listed["path"].map(lambda p: Path(p).is_file())]
+    if test.empty:
+        return [], f"no gallery: none of the run's {len(listed)} test images is where the run found them"
     picked = test.groupby("label", sort=False).head(GALLERY_PER_CLASS)
-    shown = [(p, c) for p, c in zip(picked["path"], picked["label"])]
-    return shown, f"{len(picked)} of the run's {len(test)} test images"
+    return [(p, c) for p, c in zip(picked["path"], picked["label"])], \
+        f"{len(picked)} of the run's {len(test)} test images"
 
 
 def notes_markdown(notes: list) -> str:

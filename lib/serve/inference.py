@@ -354,7 +354,8 @@ def check_image_file(path) -> Path:
 
 
 # --------------------------------------------------------------------------- the command
-def _abnormal_indices(card: dict, n_classes: int) -> tuple[list, list]:
+def abnormal_indices(card: dict, n_classes: int) -> tuple[list, list]:
+    """Which outputs of the image branch are abnormal (indices and names), checked against the card."""
     from lib.data.manifest import ABNORMAL, CLASSES
 
     classes = card.get("image_classes") or (list(CLASSES) if n_classes == len(CLASSES) else None)
@@ -414,7 +415,7 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
         target = None  # the risk score
         mode = "image + tabular (hybrid model)"
     else:
-        idx, abnormal = _abnormal_indices(card, int(model.output.shape[-1]))
+        idx, abnormal = abnormal_indices(card, int(model.output.shape[-1]))
         feed = {"image": x_img}
         probs = gradcam.predict(model, inputs=feed)[0]
         score = float(probs[idx].sum())
