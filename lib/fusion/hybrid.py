@@ -847,7 +847,9 @@ def model_card(*, synthetic: bool, image_source: str, uci_summary: dict, pairing
                                     "tabular": f"{len(tabular_columns)} UCI risk factors -> saved preprocessor"},
                          "head": head_config.to_dict(), "output": "risk (sigmoid)",
                          "loss": "binary cross-entropy", "optimizer": f"Adam lr={LEARNING_RATE:g}",
-                         "early_stopping": "validation loss (val_loss), best weights restored"},
+                         "early_stopping": ("fusion heads: validation loss (val_loss) over the pairing draws; tabular "
+                                            "branch (notebook 04, frozen here): validation records' AUC; best weights "
+                                            "restored in both (lib.training)")},
         "image_size": int(image_size),
         "image_classes": list(classes),
         "abnormal_classes": list(abnormal_classes),
@@ -859,8 +861,9 @@ def model_card(*, synthetic: bool, image_source: str, uci_summary: dict, pairing
             "Under label-conditioned pairing the fusion gain is manufactured by the pairing; the shuffled control "
             "shows it vanishes. It is not evidence that the modalities complement each other.",
             "The risk factors alone are weak predictors of biopsy (published anchor AUC 0.69, Fernandes et al., "
-            "PeerJ CS 2018; this run's tabular branch is in notebook 05); the leaky screening columns "
+            "PeerJ CS 2018; this run's tabular branch is trained in notebook 04); the leaky screening columns "
             "(Hinselmann, Schiller, Citology) are excluded.",
-            "Few positive biopsies (54 after removing duplicate rows): confidence intervals are wide and positive records are reused many times.",
+            f"Few positive biopsies ({(uci_summary.get('positives') or {}).get('Biopsy')} after cleaning): confidence intervals are wide and "
+            "positive records are reused many times.",
         ] + (["Trained on SYNTHETIC images: the image numbers describe the stand-in, not SIPaKMeD."] if synthetic else []),
     }
