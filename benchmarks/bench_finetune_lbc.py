@@ -10,13 +10,17 @@ label smoothing, depth of unfreezing), and the head-only stage of LP-FT alone.  
 same cut reuses one set of cached frozen-bottom activations (same weights, same seeded augmentation draws).
 
 The recipe is chosen on the grouped VALIDATION split (macro-F1, then abnormal AUC); test is only reported,
-with group-bootstrap intervals (lib.image.image_model.score_probs) for every row.
+with group-bootstrap intervals (lib.image.image_model.score_probs) for every row.  ``tta_auto`` scores every row
+(probe and fine-tuned alike) as notebook 03 does: flip test-time augmentation (lib.image.tta, four views) used
+only when it raises that row's validation macro-F1; the verdict's ``with_tta_as_notebook_03`` compares those.
 
 Border crop (lib.image.shortcuts): every model re-scores the test images with their borders cropped away
 (central 80 % and 70 % of each side kept, resized back), per class too; and, as the no-zoom control, with the
 border painted over in the centre's mean colour (``border_mask``).
 
     .venv/bin/python benchmarks/bench_finetune_lbc.py --data-source PATH/TO/lbc/Resampled-pap-smear-images
+    # the default recipe and the probe only, into finetune_lbc_tta.json (keeps the full ablation's files):
+    .venv/bin/python benchmarks/bench_finetune_lbc.py --only "LP-FT (lr 3e-5, 6 views)" --probe-size --out finetune_lbc_tta
 
 Default data source: <data root>/lbc/Resampled-pap-smear-images ($CERVICAL_KIT_DATA).  The run's split is
 written under build/benchmarks/finetune_lbc_run/ (its own build folder, never a notebook run's).  Target: the
@@ -78,8 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-source", default=str(config.data_root() / "lbc" / "Resampled-pap-smear-images"))
     ap.add_argument("--build", default=str(OUT_DIR / "finetune_lbc_run"), help="build folder of the run's split")
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--probe-size", type=int, action="append", default=None,
-                    help="extra linear-probe rows at these sizes (default: 224)")
+    ap.add_argument("--probe-size", type=int, nargs="*", default=None,
+                    help="extra linear-probe rows at these sizes (default: 224; none when given without sizes)")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -90,7 +94,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", default=None, help="run only these variants (names as listed)")
     ap.add_argument("--all", action="store_true", help="also the variants the first round ruled out on validation")
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure from the JSON")
+    ap.add_argument("--out", default=None, help="results name under build/benchmarks/ (default finetune_lbc): a "
+                                                "partial rerun (--only) can keep the full ablation's files")
     args = ap.parse_args(argv)
+    global RESULTS, FIGURE
+    if args.out:
+        RESULTS, FIGURE = OUT_DIR / f"{args.out}.json", OUT_DIR / f"{args.out}.png"
     if args.plot_only:
         from lib.atomic import read_json
 
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     from sklearn.preprocessing import StandardScaler
 
     from lib.image import cached_finetune as cf
-    from lib.image import features, image_model, probe, shortcuts
+    from lib.image import features, image_model, probe, shortcuts, tta
     from lib.run import Run
 
     info = machine()
@@ -125,6 +134,15 @@ def main(argv=None) -> int:
         return image_model.score_probs(probs, table, classes, abnormal, n_boot=args.n_boot, seed=seed, group_word=gw)
 
     crop_cache = {}
+    from lib.image.input_pipeline import load_images
+
+    val_images = load_images(val_t, size)
+
+    def tta_row(pred):  # flip TTA as notebook 03 does it (lib.image.tta): chosen on validation, then test
+        res = tta.choose_and_score(pred, val_images, val_t, cropped(1.0), test_t, classes, abnormal,
+                                   n_boot=args.n_boot, seed=seed, group_word=gw)
+        return {**tta.summary(res), "chosen_test": row_of(res["chosen"]),
+                "val_chosen": row_of(res["val"]["flips" if res["use_flips"] else "plain"])}
 
     def cropped(k):
         if k not in crop_cache:
@@ -156,6 +174,7 @@ def main(argv=None) -> int:
                       "val": row_of(score(val_probs, val_t)), "test": row_of(score(LPR["probs"], test_t))}
         if psize == size:
             assert np.allclose(pred(cropped(1.0)), LPR["probs"], atol=1e-3), "probe predictor != linear_probe"
+            rows[name]["tta_auto"] = tta_row(pred)
             crops[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, keeps, n_boot=args.n_boot,
                                                        seed=seed, group_word=gw, images=cropped)
             masks[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, mask_keeps,
@@ -169,9 +188,6 @@ def main(argv=None) -> int:
     acts = {}  # (unfreeze_from) -> cached activations with the most views any variant of that cut needs
     wanted = {n: v for n, v in VARIANTS.items() if (not args.only or n in args.only)
               and (args.all or args.only or n not in RULED_OUT)}
-    from lib.image.input_pipeline import load_images
-
-    val_images = load_images(val_t, size)
     recipe_seeds = [seed] + [s for s in (args.recipe_seeds or []) if s != seed]
     for name, (kw, views, stage) in wanted.items():
         cut_key = kw.get("unfreeze_from", image_model.UNFREEZE_FROM)
@@ -221,11 +237,7 @@ def main(argv=None) -> int:
             masks[name] = shortcuts.border_crop_scores(pred, test_t, classes, abnormal, size, mask_keeps,
                                                        n_boot=args.n_boot, seed=seed, group_word=gw, images=masked)
 
-            def tta(x, pred=pred):  # test-time augmentation: mean of the image and its mirror images
-                return (pred(x) + pred(x[:, :, ::-1]) + pred(x[:, ::-1])) / 3
-
-            rows[name]["tta_flips"] = {"val": row_of(score(tta(val_images), val_t)),
-                                       "test": row_of(score(tta(cropped(1.0)), test_t))}
+            rows[name]["tta_auto"] = tta_row(pred)  # the first round's 3-view "tta_flips" rows are in its JSON
         r = rows[name]
         r["by_seed"] = by_seed
         for part in ("val", "test"):
@@ -249,6 +261,13 @@ def main(argv=None) -> int:
                    "test_d_macro_f1": c["macro_f1"] - p["macro_f1"], "test_d_auc": c["abnormal_auc"] - p["abnormal_auc"],
                    "val_d_macro_f1": rows[chosen]["val"]["macro_f1"] - rows[probe_name]["val"]["macro_f1"],
                    "matches_or_beats_probe": bool(c["macro_f1"] >= p["macro_f1"] and c["abnormal_auc"] >= p["abnormal_auc"])}
+        if "tta_auto" in rows[chosen] and "tta_auto" in rows[probe_name]:  # both rows as notebook 03 reports them
+            ct, pt = rows[chosen]["tta_auto"]["chosen_test"], rows[probe_name]["tta_auto"]["chosen_test"]
+            verdict["with_tta_as_notebook_03"] = {
+                "fine_tuned_uses_flips": rows[chosen]["tta_auto"]["use_flips"],
+                "probe_uses_flips": rows[probe_name]["tta_auto"]["use_flips"],
+                "test_d_macro_f1": ct["macro_f1"] - pt["macro_f1"], "test_d_auc": ct["abnormal_auc"] - pt["abnormal_auc"],
+                "matches_or_beats_probe": bool(ct["macro_f1"] >= pt["macro_f1"] and ct["abnormal_auc"] >= pt["abnormal_auc"])}
     some = next(iter(crops.values()))
     out = {"machine": info, "dataset": run.dataset.name, "image_size": size, "epochs": P["epochs"],
            "batch_size": bs, "seed": seed, "n": {"train": len(train_t), "val": len(val_t), "test": len(test_t),
