@@ -66,7 +66,8 @@ def predict(model, x, batch_size: int | None = None, training: bool = False) -> 
         outs = []
         for batch in x:
             xb = np.asarray(batch[0] if isinstance(batch, tuple) else batch, "float32")
-            call = _graph_call(model, None, [xb.shape[1:]], training) if xb.ndim == 4 else None
+            keras_model = getattr(model, "inputs", None) is not None
+            call = _graph_call(model, None, [xb.shape[1:]], training) if xb.ndim == 4 and keras_model else None
             outs.append(np.asarray(call(xb) if call else model(xb, training=training)))
         return np.concatenate(outs, axis=0)
     if isinstance(x, dict):
@@ -76,9 +77,10 @@ def predict(model, x, batch_size: int | None = None, training: bool = False) -> 
         names = None
         xs = list(x) if isinstance(x, (list, tuple)) else [x]
     images = any(np.ndim(a) == 4 for a in xs)
+    keras_model = getattr(model, "inputs", None) is not None  # a plain function (tests, adapters) runs as it is
     if batch_size is None:
         batch_size = 32 if images else 1024
-    call = _graph_call(model, names, [np.shape(a)[1:] for a in xs], training) if images else None
+    call = _graph_call(model, names, [np.shape(a)[1:] for a in xs], training) if images and keras_model else None
     n = len(xs[0])
     outs = []
     for i in range(0, n, int(batch_size)):
