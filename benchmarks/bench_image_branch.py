@@ -64,12 +64,12 @@ def _update(section: str, payload: dict) -> dict:
 def bench_features(args) -> dict:
     import numpy as np
 
-    from lib.data import image_data
     from lib.image import features, input_pipeline
+    from lib.run import load_image_dataset
 
     config.seed_everything(args.seed)
     per_class = math.ceil(args.n_images / 5)
-    ds = image_data.load_image_dataset(args.data_source, seed=args.seed, images_per_class=per_class)
+    ds = load_image_dataset(args.data_source, seed=args.seed, images_per_class=per_class)
     table = ds.table.sample(n=min(args.n_images, len(ds.table)), random_state=args.seed).reset_index(drop=True)
     n, size, bs = len(table), args.image_size, args.batch_size
     print(f"{n} images ({'synthetic' if ds.synthetic else ds.source}), {args.backbone} at {size} px, batch {bs}")

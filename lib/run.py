@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lib import config
@@ -125,6 +126,68 @@ def check_inputs(data_dir=None, data_source="auto", dataset=None, abnormal_class
                 group_pattern=group_pattern)
 
 
+def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_class: int | None = None,
+                       folder_abnormal=None, group_pattern=None) -> image_data.ImageDataset:
+    """The one loader of a run's images (:meth:`Run.open` calls it; it lives here, above ``data/`` and
+    ``scaffold/``, because it is where the synthetic stand-in is chosen).
+
+    ``source``: ``"auto"`` (real SIPaKMeD under ``config.sipakmed_dir(data_dir)`` when that
+    folder holds anything, else the synthetic stand-in), ``"sipakmed"`` (real or error),
+    ``"synthetic"``, or a path to a dataset (SIPaKMeD layout detected, else folder-per-class
+    with ``folder_abnormal`` naming its abnormal classes; ignored for SIPaKMeD).
+    ``images_per_class``: subsample whole cluster groups per class (see :func:`subsample`);
+    for synthetic data only about that many are generated.  Synthetic data is announced
+    with a printed banner and a ``UserWarning``.
+    """
+    if images_per_class is not None and (isinstance(images_per_class, bool)
+                                         or not isinstance(images_per_class, (int, np.integer)) or images_per_class < 1):
+        raise ValueError(f"parameter 'images_per_class': expected None or a positive integer, got {images_per_class!r}")
+    if source is None:
+        source = "auto"
+    sip_dir = config.sipakmed_dir(data_dir)
+    if isinstance(source, str) and source in ("auto", "sipakmed", "synthetic"):
+        if source == "synthetic" or (source == "auto" and not image_data._real_data_present(sip_dir)):
+            reason = ("requested with source='synthetic'." if source == "synthetic"
+                      else "real SIPaKMeD was not found under the data folder.")
+            return image_data.subsample(_load_synthetic(seed, images_per_class, reason, sip_dir), images_per_class, seed)
+        if not sip_dir.is_dir():
+            raise FileNotFoundError(
+                f"source='sipakmed': folder {sip_dir} does not exist; run `make data`, or pass data_dir / set "
+                f"${config.ENV_DATA} to a folder holding sipakmed/"
+            )
+        ds = image_data.load_sipakmed(sip_dir)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"parameter 'source': {source!r} is not 'auto', 'sipakmed' or 'synthetic', "
+                f"and no folder {path.resolve()} exists"
+            )
+        try:
+            is_sip = image_data.detect_sipakmed_layout(path) is not None
+        except (ValueError, FileNotFoundError):
+            is_sip = True  # let load_sipakmed raise its precise message
+        ds = image_data.load_sipakmed(path) if is_sip else image_data.load_image_folder(path, abnormal_classes=folder_abnormal or (),
+                                                                  group_pattern=group_pattern)
+    if ds.synthetic:  # e.g. the stand-in copied where real data belongs: still say so, loudly
+        image_data._banner(f"the loaded folder carries a {image_data.MARKER} marker.")
+        warnings.warn(f"dataset at {ds.root} is SYNTHETIC (marker {ds.marker})", UserWarning, stacklevel=2)
+    return image_data.subsample(ds, images_per_class, seed)
+
+
+def _load_synthetic(seed, images_per_class, reason, sip_dir) -> image_data.ImageDataset:
+    from lib.scaffold import synthetic  # the stand-in; imported only when needed
+
+    cpc = None if images_per_class is None else math.ceil(images_per_class / 2) + 2
+    root = synthetic.make_synthetic_sipakmed(image_data.synthetic_root(seed, cpc), seed=seed, clusters_per_class=cpc)
+    image_data._banner(reason)
+    warnings.warn(f"using SYNTHETIC SIPaKMeD stand-in at {root} ({reason} Real data is looked for in {sip_dir})",
+                  UserWarning, stacklevel=3)
+    ds = image_data.load_sipakmed(root)
+    ds.source = "synthetic"
+    return ds
+
+
 def artifact_path(profile: str, artifact: str, build=None) -> Path:
     """Where ``artifact`` of the run of ``profile`` lives, without opening the run: for readers such as
     the web app.  :meth:`Run.path` is the same name for an open run."""
@@ -181,7 +244,7 @@ class Run:
             # the stand-in is announced by a printed banner and by run.describe(); the warning's text
             # would put this machine's cache path on every page
             warnings.filterwarnings("ignore", message="using SYNTHETIC", category=UserWarning)
-            ds = image_data.load_image_dataset(
+            ds = load_image_dataset(
                 "auto" if data_source in (None, "auto") else resolved["data_source"], data_dir=data_dir,
                 seed=P["seed"], images_per_class=P["images_per_class"],
                 folder_abnormal=resolved["abnormal_classes"], group_pattern=resolved["group_pattern"])

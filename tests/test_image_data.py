@@ -9,6 +9,7 @@ import pytest
 from lib import config
 from lib.data import image_data as D
 from lib.data.manifest import CLASSES
+from lib.run import load_image_dataset
 
 from conftest import TINY_SIPAKMED, write_image
 
@@ -360,10 +361,10 @@ def test_load_image_dataset_auto_prefers_real_data(tmp_path, sipakmed_tree, caps
     sipakmed_tree(tmp_path / "data" / "sipakmed", layout="official")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # real data: no synthetic warning
-        ds = D.load_image_dataset("auto", data_dir=tmp_path / "data")
+        ds = load_image_dataset("auto", data_dir=tmp_path / "data")
     assert ds.source == "sipakmed-official" and len(ds.table) == 13 and not ds.synthetic
     assert "SYNTHETIC" not in capsys.readouterr().out
-    sub = D.load_image_dataset("sipakmed", data_dir=tmp_path / "data", images_per_class=2, seed=1)
+    sub = load_image_dataset("sipakmed", data_dir=tmp_path / "data", images_per_class=2, seed=1)
     assert sub.table["label"].value_counts().to_dict() == {c: 2 for c in CLASSES}
 
 
@@ -371,27 +372,27 @@ def test_load_image_dataset_real_data_errors_are_not_hidden(tmp_path):
     (tmp_path / "data" / "sipakmed").mkdir(parents=True)
     (tmp_path / "data" / "sipakmed" / "im_Parabasal.7z").write_bytes(b"7z")  # downloaded, not extracted
     with pytest.raises(ValueError, match="unknown layout"):
-        D.load_image_dataset("auto", data_dir=tmp_path / "data")
+        load_image_dataset("auto", data_dir=tmp_path / "data")
     with pytest.raises(FileNotFoundError, match=r"source='sipakmed': folder .* does not exist; run `make data`"):
-        D.load_image_dataset("sipakmed", data_dir=tmp_path / "empty")
+        load_image_dataset("sipakmed", data_dir=tmp_path / "empty")
 
 
 def test_load_image_dataset_from_a_path(tmp_path, sipakmed_tree):
-    ds = D.load_image_dataset(str(_folder_dataset(tmp_path / "ds")), folder_abnormal=["tumor"])
+    ds = load_image_dataset(str(_folder_dataset(tmp_path / "ds")), folder_abnormal=["tumor"])
     assert ds.source == "folder" and ds.abnormal_classes == ["tumor"] and len(ds.table) == 5
     root = sipakmed_tree(tmp_path / "sip")
-    assert D.load_image_dataset(root).source == "sipakmed-kaggle"
+    assert load_image_dataset(root).source == "sipakmed-kaggle"
     with pytest.raises(FileNotFoundError, match=r"parameter 'source': 'sipakmd' is not 'auto', 'sipakmed' or 'synthetic'"):
-        D.load_image_dataset("sipakmd")
+        load_image_dataset("sipakmd")
     with pytest.raises(ValueError, match="parameter 'images_per_class'"):
-        D.load_image_dataset(root, images_per_class=0)
+        load_image_dataset(root, images_per_class=0)
 
 
 def test_load_image_dataset_marker_path_is_loud(tmp_path, sipakmed_tree, capsys):
     root = sipakmed_tree(tmp_path / "copy")
     (root / "SYNTHETIC.txt").write_text("synthetic: true\n")
     with pytest.warns(UserWarning, match="is SYNTHETIC"):
-        ds = D.load_image_dataset(root)
+        ds = load_image_dataset(root)
     assert ds.synthetic and ds.source == "synthetic"
     assert "SYNTHETIC DATA" in capsys.readouterr().out
 
@@ -415,7 +416,7 @@ def test_load_image_dataset_synthetic(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(synthetic, "make_synthetic_sipakmed", spy)
     with pytest.warns(UserWarning, match="SYNTHETIC SIPaKMeD stand-in"):
-        ds = D.load_image_dataset("auto", data_dir=tmp_path / "nodata", seed=5, images_per_class=3)
+        ds = load_image_dataset("auto", data_dir=tmp_path / "nodata", seed=5, images_per_class=3)
     assert calls == [((tmp_path / "cache").resolve() / "synthetic_sipakmed" / "seed5-clusters4", 5, 4)]
     out = capsys.readouterr().out
     assert "SYNTHETIC DATA - real SIPaKMeD was not found" in out

@@ -6,11 +6,10 @@ every file is opened with PIL (a corrupt or mislabelled file fails now, naming t
 file, not in epoch 3), every image gets its cluster ``group`` (the unit that must never
 cross a split), and a synthetic stand-in can never pass for real data.
 
-Notebooks call one function, :func:`load_image_dataset`.  Raw data folders are only read.
+Runs load images through one function, :func:`lib.run.load_image_dataset`.  Raw data folders are only read.
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -441,64 +440,3 @@ def _real_data_present(folder: Path) -> bool:
         not p.name.startswith(".") and (p.is_dir() or p.suffix.lower() not in (".md", ".txt", ".csv"))
         for p in folder.iterdir()
     )
-
-
-def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_class: int | None = None,
-                       folder_abnormal=None, group_pattern=None) -> ImageDataset:
-    """The one entry point notebooks use.
-
-    ``source``: ``"auto"`` (real SIPaKMeD under ``config.sipakmed_dir(data_dir)`` when that
-    folder holds anything, else the synthetic stand-in), ``"sipakmed"`` (real or error),
-    ``"synthetic"``, or a path to a dataset (SIPaKMeD layout detected, else folder-per-class
-    with ``folder_abnormal`` naming its abnormal classes; ignored for SIPaKMeD).
-    ``images_per_class``: subsample whole cluster groups per class (see :func:`subsample`);
-    for synthetic data only about that many are generated.  Synthetic data is announced
-    with a printed banner and a ``UserWarning``.
-    """
-    if images_per_class is not None and (isinstance(images_per_class, bool)
-                                         or not isinstance(images_per_class, (int, np.integer)) or images_per_class < 1):
-        raise ValueError(f"parameter 'images_per_class': expected None or a positive integer, got {images_per_class!r}")
-    if source is None:
-        source = "auto"
-    sip_dir = config.sipakmed_dir(data_dir)
-    if isinstance(source, str) and source in ("auto", "sipakmed", "synthetic"):
-        if source == "synthetic" or (source == "auto" and not _real_data_present(sip_dir)):
-            reason = ("requested with source='synthetic'." if source == "synthetic"
-                      else "real SIPaKMeD was not found under the data folder.")
-            return subsample(_load_synthetic(seed, images_per_class, reason, sip_dir), images_per_class, seed)
-        if not sip_dir.is_dir():
-            raise FileNotFoundError(
-                f"source='sipakmed': folder {sip_dir} does not exist; run `make data`, or pass data_dir / set "
-                f"${config.ENV_DATA} to a folder holding sipakmed/"
-            )
-        ds = load_sipakmed(sip_dir)
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"parameter 'source': {source!r} is not 'auto', 'sipakmed' or 'synthetic', "
-                f"and no folder {path.resolve()} exists"
-            )
-        try:
-            is_sip = detect_sipakmed_layout(path) is not None
-        except (ValueError, FileNotFoundError):
-            is_sip = True  # let load_sipakmed raise its precise message
-        ds = load_sipakmed(path) if is_sip else load_image_folder(path, abnormal_classes=folder_abnormal or (),
-                                                                  group_pattern=group_pattern)
-    if ds.synthetic:  # e.g. the stand-in copied where real data belongs: still say so, loudly
-        _banner(f"the loaded folder carries a {MARKER} marker.")
-        warnings.warn(f"dataset at {ds.root} is SYNTHETIC (marker {ds.marker})", UserWarning, stacklevel=2)
-    return subsample(ds, images_per_class, seed)
-
-
-def _load_synthetic(seed, images_per_class, reason, sip_dir) -> ImageDataset:
-    from lib.scaffold import synthetic  # the stand-in; imported only when needed
-
-    cpc = None if images_per_class is None else math.ceil(images_per_class / 2) + 2
-    root = synthetic.make_synthetic_sipakmed(synthetic_root(seed, cpc), seed=seed, clusters_per_class=cpc)
-    _banner(reason)
-    warnings.warn(f"using SYNTHETIC SIPaKMeD stand-in at {root} ({reason} Real data is looked for in {sip_dir})",
-                  UserWarning, stacklevel=3)
-    ds = load_sipakmed(root)
-    ds.source = "synthetic"
-    return ds
