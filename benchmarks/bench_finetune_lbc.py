@@ -108,12 +108,8 @@ def main(argv=None) -> int:
 
     import keras
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from lib.image import cached_finetune as cf
-    from lib.image import features, image_model, probe, shortcuts, tta
+    from lib.image import image_model, probe, shortcuts, tta
     from lib.run import Run
 
     info = machine()
@@ -157,21 +153,11 @@ def main(argv=None) -> int:
     for psize in [size] + (args.probe_size if args.probe_size is not None else [224]):
         t0 = time.perf_counter()
         LPR = probe.linear_probe(run.table, P["backbone"], psize, P["weights"], seed=seed, batch_size=bs)
-        feats = features.extract_features(run.table, P["backbone"], psize, P["weights"], batch_size=bs,
-                                          progress=False, seed=seed)  # the probe's own cached features
-        part = {s: (run.table["split"] == s).to_numpy() for s in ("train", "val", "test")}
-        y = run.table["label_idx"].to_numpy()
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=LPR["C"], max_iter=3000, class_weight="balanced",
-                                                                 random_state=seed)).fit(feats[part["train"]],
-                                                                                         y[part["train"]])
-        fm = features.feature_model(P["backbone"], psize, P["weights"], seed)
-        pred = shortcuts.probe_predictor(fm, clf, len(classes), bs)
-        val_probs = np.zeros((part["val"].sum(), len(classes)))
-        val_probs[:, clf.classes_] = clf.predict_proba(feats[part["val"]])
+        pred = probe.predictor(LPR, P["backbone"], psize, P["weights"], seed, bs)
         name = f"linear probe ({psize} px)"
         secs = time.perf_counter() - t0
         rows[name] = {"kind": "probe", "image_size": psize, "C": LPR["C"], "seconds": round(secs, 1),
-                      "val": row_of(score(val_probs, val_t)), "test": row_of(score(LPR["probs"], test_t))}
+                      "val": row_of(score(LPR["val_probs"], val_t)), "test": row_of(score(LPR["probs"], test_t))}
         if psize == size:
             assert np.allclose(pred(cropped(1.0)), LPR["probs"], atol=1e-3), "probe predictor != linear_probe"
             rows[name]["tta_auto"] = tta_row(pred)
@@ -182,7 +168,7 @@ def main(argv=None) -> int:
         print(f"{name}: C={LPR['C']}, val macro-F1 {rows[name]['val']['macro_f1']:.3f}, "
               f"test {rows[name]['test']['macro_f1']:.3f} / AUC {rows[name]['test']['abnormal_auc']:.3f} ({secs:.0f} s)",
               flush=True)
-        del fm
+        del pred
 
     # ------------------------------------------------------------------ fine-tuned variants
     acts = {}  # (unfreeze_from) -> cached activations with the most views any variant of that cut needs

@@ -142,16 +142,16 @@ def test_probe_predictor_maps_classifier_columns():
 
 
 @pytest.mark.slow
-def test_refitted_probe_predictor_gives_the_probes_test_probabilities(three_class):
+def test_probe_predictor_gives_the_probes_test_probabilities(three_class):
     from lib.image import probe
     from lib.image.input_pipeline import load_images
 
     t = three_class.table.reset_index(drop=True).copy()
     t["split"] = np.where(t.index % 3 == 0, "test", np.where(t.index % 3 == 1, "val", "train"))
     lp = probe.linear_probe(t, "efficientnet_lite0", 32, None, seed=5, batch_size=4)
-    pred = sc.fit_probe_predictor(t, "efficientnet_lite0", 32, None, lp["C"], seed=5, batch_size=4)
-    test = t[t["split"] == "test"]
-    np.testing.assert_allclose(pred(load_images(test, 32)), lp["probs"], atol=1e-3)
+    pred = probe.predictor(lp, "efficientnet_lite0", 32, None, seed=5, batch_size=4)
+    for split, key in (("test", "probs"), ("val", "val_probs")):  # images through the backbone = cached features
+        np.testing.assert_allclose(pred(load_images(t[t["split"] == split], 32)), lp[key], atol=1e-3)
 
 
 def test_mask_border_paints_the_frame_without_zooming():

@@ -121,27 +121,6 @@ def probe_predictor(feature_model, classifier, n_classes: int, batch_size: int =
     return predict
 
 
-def fit_probe_predictor(table, backbone: str, image_size: int, weights, C: float, seed: int = 42,
-                        batch_size: int = 32):
-    """The predictor of :func:`lib.image.probe.linear_probe` refitted with its chosen ``C`` (its result keeps
-    only probabilities): the same cached features, pipeline and training split, so its test
-    probabilities equal the probe's (a test checks this)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from lib.image import features
-
-    feats = features.extract_features(table, backbone=backbone, image_size=image_size, weights=weights,
-                                      batch_size=batch_size, progress=False, seed=seed)
-    train = (table["split"] == "train").to_numpy()
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, class_weight="balanced",
-                                                             random_state=seed))
-    clf.fit(feats[train], table["label_idx"].to_numpy()[train])
-    n_classes = int(table["label_idx"].max()) + 1
-    return probe_predictor(features.feature_model(backbone, image_size, weights, seed), clf, n_classes, batch_size)
-
-
 def border_crop_scores(predict, table, classes, abnormal_classes, image_size: int, keeps=DEFAULT_KEEPS,
                        n_boot: int = 200, seed: int = 42, group_word: str = "groups", images=None) -> dict:
     """Scores of ``predict`` (images -> class probabilities) on the rows of ``table`` with their borders

@@ -10,7 +10,7 @@ the test numbers of both variants can be shown but never decide.
 
 Works with any ``images -> class probabilities`` predictor, e.g. those of :mod:`lib.image.shortcuts`
 (the fine-tuned Keras model, :func:`~lib.image.shortcuts.keras_predictor`; the linear probe,
-:func:`~lib.image.shortcuts.fit_probe_predictor`: each flipped view goes through the frozen backbone
+:func:`lib.image.probe.predictor`: each flipped view goes through the frozen backbone
 and the logistic regression, and the probe's probabilities are averaged).
 """
 from __future__ import annotations
@@ -25,10 +25,9 @@ MODES = ("auto", True, False)
 
 def check_mode(mode):
     """``mode`` if it is one of :data:`MODES`, else ``ValueError`` naming ``test_time_flips``."""
-    if not (isinstance(mode, bool) or mode == "auto"):
-        raise ValueError(f"parameter 'test_time_flips': expected 'auto' (choose on the validation split), "
-                         f"True or False, got {mode!r}")
-    return mode
+    from lib.config import check_test_time_flips
+
+    return check_test_time_flips(mode)
 
 
 def _check_images(images) -> np.ndarray:
