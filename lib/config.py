@@ -169,11 +169,17 @@ def run_params(profile: str = "smoke", **overrides) -> dict:
     ipc = params["images_per_class"]
     if ipc is not None and (not isinstance(ipc, int) or ipc < 2):
         raise ValueError(f"parameter 'images_per_class': expected None (all) or an integer >= 2, got {ipc!r}")
-    flips = params["test_time_flips"]
-    if not (isinstance(flips, bool) or flips == "auto"):
-        raise ValueError(f"parameter 'test_time_flips': expected 'auto' (choose on the validation split), "
-                         f"True or False, got {flips!r}")
+    check_test_time_flips(params["test_time_flips"])
     return params
+
+
+def check_test_time_flips(value):
+    """``value`` if it is ``"auto"`` (flip TTA chosen on the validation split), True or False, else
+    ``ValueError`` naming the parameter (:mod:`lib.image.tta` checks with this too)."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ValueError(f"parameter 'test_time_flips': expected 'auto' (choose on the validation split), "
+                         f"True or False, got {value!r}")
+    return value
 
 
 def seed_everything(seed: int = 42) -> None:

@@ -135,7 +135,7 @@ def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_
     folder holds anything, else the synthetic stand-in), ``"sipakmed"`` (real or error),
     ``"synthetic"``, or a path to a dataset (SIPaKMeD layout detected, else folder-per-class
     with ``folder_abnormal`` naming its abnormal classes; ignored for SIPaKMeD).
-    ``images_per_class``: subsample whole cluster groups per class (see :func:`subsample`);
+    ``images_per_class``: subsample whole cluster groups per class (see :func:`lib.data.image_data.subsample`);
     for synthetic data only about that many are generated.  Synthetic data is announced
     with a printed banner and a ``UserWarning``.
     """
@@ -167,8 +167,8 @@ def load_image_dataset(source="auto", data_dir=None, seed: int = 42, images_per_
             is_sip = image_data.detect_sipakmed_layout(path) is not None
         except (ValueError, FileNotFoundError):
             is_sip = True  # let load_sipakmed raise its precise message
-        ds = image_data.load_sipakmed(path) if is_sip else image_data.load_image_folder(path, abnormal_classes=folder_abnormal or (),
-                                                                  group_pattern=group_pattern)
+        ds = (image_data.load_sipakmed(path) if is_sip else
+              image_data.load_image_folder(path, abnormal_classes=folder_abnormal or (), group_pattern=group_pattern))
     if ds.synthetic:  # e.g. the stand-in copied where real data belongs: still say so, loudly
         image_data._banner(f"the loaded folder carries a {image_data.MARKER} marker.")
         warnings.warn(f"dataset at {ds.root} is SYNTHETIC (marker {ds.marker})", UserWarning, stacklevel=2)

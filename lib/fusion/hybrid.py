@@ -54,7 +54,8 @@ from lib.tabular import mlp
 from lib.training import check_fit_args, fit_binary
 
 IMAGE_INPUT, TABULAR_INPUT, FEATURE_INPUT, OUTPUT = "image", "tabular", "image_features", "risk"
-IMAGE_EMBEDDING, TABULAR_EMBEDDING, FEATURE_LAYER = "image_embedding", "tabular_embedding", "top_activation"
+IMAGE_EMBEDDING, FEATURE_LAYER = "image_embedding", "top_activation"
+TABULAR_EMBEDDING = mlp.EMBEDDING_LAYER  # the one tabular tower's output (lib.tabular.mlp.tower)
 ATTENTION_LAYER = "modality_attention"
 KINDS = ("fused", "image", "tabular", "attention")
 TRAINING_MODES = ("cached_embeddings", "end_to_end")

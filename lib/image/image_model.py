@@ -40,10 +40,6 @@ LINEAR_PROBE_LR = 1e-3  # Adam learning rate of that head-only stage
 LP_FT_LEARNING_RATE = 3e-5  # fine-tuning rate after the head-only stage (the head is already fitted)
 UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c, 6d, 7a) and top_conv fine-tuned
 
-# Naive-recipe settings per profile, used when config.PROFILES has no ``naive_epochs`` /
-# ``naive_train_images``.  Full fine-tuning costs ~7x top-block training on cached activations, so in the full
-# profile the naive run trains on a stratified subset of the training split (documented in notebook 02).
-
 
 # --------------------------------------------------------------------------- building
 _MIRRORED = []  # one MirroredStrategy per process: variables and optimizer must share the same instance

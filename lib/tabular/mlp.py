@@ -48,8 +48,6 @@ MISSING_INDICATOR_COLUMNS = (
 )
 MODELS = ("mlp", "logreg", "rf")
 PREPROCESSOR_FORMAT = "cervical-kit/tabular-preprocessor"
-MODEL_FILE = "tabular_mlp.keras"
-PREPROCESSOR_FILE = "tabular_preprocessor.json"
 INPUT_LAYER, EMBEDDING_LAYER, OUTPUT_LAYER = "tabular", "tabular_embedding", "risk"
 
 
@@ -494,7 +492,7 @@ def fit_branch(uci_frame, uci_split, epochs: int, seed: int = 42, batch_size: in
     Notebook 04 trains and saves it; notebook 05 puts its tower, frozen, under every fusion head, so
     each branch learns from its own data and the fusion heads learn only how to combine them.
     """
-    from lib.training import fit_binary
+    from lib.training import BinaryTrainer
 
     frame = getattr(uci_frame, "frame", uci_frame)
     pre, x, cols = fit_preprocessor(frame, uci_split, include_leaky, target)
@@ -502,10 +500,10 @@ def fit_branch(uci_frame, uci_split, epochs: int, seed: int = 42, batch_size: in
     s = pd.Series(uci_split, index=frame.index).astype(str).to_numpy()
     model = fresh_mlp(x.shape[1], seed, **mlp_kwargs)
     tr, va, te = (s == "train"), (s == "val"), (s == "test")
-    info = fit_binary(model, x[tr], y[tr], x[va], y[va], epochs, seed, batch_size, patience, monitor="val_auc")
+    trainer = BinaryTrainer(model, batch_size)
+    info = trainer.fit(x[tr], y[tr], x[va], y[va], epochs, seed, patience, monitor="val_auc")
     info.pop("history")
-    info.update(test_auc=metrics.roc_auc(y[te], model.predict(x[te], verbose=0).ravel()) if 0 < y[te].sum() < te.sum()
-                else None, n_train=int(tr.sum()), n_val=int(va.sum()), n_test=int(te.sum()),
+    info.update(test_auc=metrics.roc_auc(y[te], trainer.predict(x[te])) if 0 < y[te].sum() < te.sum() else None, n_train=int(tr.sum()), n_val=int(va.sum()), n_test=int(te.sum()),
                 include_leaky=bool(include_leaky), seed=int(seed), columns=list(cols))
     pre.metadata.update(branch={k: v for k, v in info.items() if k != "columns"})
     return Branch(model, pre, info)
