@@ -269,6 +269,30 @@ def test_model_card_link_serves_the_report_page(world, tmp_path):
         demo.close()
 
 
+def test_flip_tta_chosen_in_notebook_03_is_used_and_said(world, tmp_path, monkeypatch):
+    """A card saying notebook 03 chose flip TTA: the app's image risk is the four-view mean, the same number as
+    the CLI's, and the page's notes say so; without the choice, one pass and no note."""
+    from lib.serve import app, inference
+
+    rng = np.random.default_rng(1)
+    img = tmp_path / "asym.png"
+    Image.fromarray(rng.integers(0, 255, (SIZE + 8, SIZE, 3), dtype=np.uint8)).save(img)
+    run = tmp_path / "build" / "smoke"
+    shutil.copytree(world["root"] / "build" / "smoke", run)
+    card_path = run / "models" / "hybrid_cervical_model_card.json"
+    card = json.loads(card_path.read_text())
+    monkeypatch.setenv("CERVICAL_KIT_BUILD", str(tmp_path / "build"))
+    risks = {}
+    for flips in (False, True):
+        card_path.write_text(json.dumps({**card, "image_branch": {"test_time_flips": flips}}))
+        res = app.score_image(app.load_run("smoke"), img, with_gradcam=False)
+        cli = inference.predict_one(img, model_dir=run / "models")
+        assert res["image_risk"] == pytest.approx(cli["risk"], abs=1e-6)
+        assert any("four flip views" in n for n in res["notes"]) is flips
+        risks[flips] = res["image_risk"]
+    assert risks[True] != pytest.approx(risks[False], abs=1e-6)
+
+
 # --------------------------------------------------------------------------- runs the app cannot serve
 def test_run_with_another_datasets_classes(world, tmp_path, monkeypatch):
     from lib.serve import app

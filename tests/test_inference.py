@@ -120,6 +120,33 @@ def test_threshold_comes_from_the_model_card(model_dir, cell, tmp_path, capsys):
         assert code == 0 and f"class: {cls} (threshold {thr:g})" in out
 
 
+@pytest.mark.slow
+def test_image_branch_is_scored_with_flips_when_notebook_03_chose_them(model_dir, tmp_path, capsys):
+    """The card's ``image_branch.test_time_flips`` (notebook 03's choice) decides: with it the risk is the mean
+    over the four flip views, without it one pass; the printed mode says which."""
+    from lib.explain import gradcam
+    from lib.image import tta
+
+    rng = np.random.default_rng(0)
+    img = tmp_path / "asym.png"
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(img)  # not flip-symmetric
+    branch = inference.load_keras_model(model_dir / "image_branch.keras")
+    x = inference.load_image_array(img, int(branch.get_layer("image").output.shape[1]))
+    views = tta.view_probs(lambda v: gradcam.predict(branch, inputs={"image": v}), x)[:, 0]  # (4, classes)
+    risks = {}
+    for flips in (False, True):
+        d = _copy_models(model_dir, tmp_path, f"m{flips}")
+        _edit_card(d, image_branch={"source": "notebook 03", "test_time_flips": flips})
+        code, out, err = run(capsys, img, "--model-dir", d)
+        assert code == 0, err
+        risks[flips] = float(out.split("risk score: ")[1].split()[0])
+        assert ("mean of four flip views" in out) is flips
+    want = {False: views[0][:2].sum(), True: views.mean(axis=0)[:2].sum()}
+    assert abs(views[0][:2].sum() - views.mean(axis=0)[:2].sum()) > 1e-4  # the test can tell them apart
+    for flips in (False, True):
+        assert risks[flips] == pytest.approx(want[flips], abs=1e-4)
+
+
 # --------------------------------------------------------------------------- bad inputs (exit 2, one line)
 def assert_error(code, err, *needles):
     assert code == 2
@@ -281,6 +308,8 @@ def test_duplicate_key_in_json_record_is_refused(model_dir, cell, tmp_path, caps
     ('{"image_classes": 5}', ["field 'image_classes' = 5 is malformed", "list of distinct class names"]),
     ('{"abnormal_classes": ["a", "a"]}', ["field 'abnormal_classes'", "is malformed"]),
     ('{"threshold": 0.0, "threshold": 1.0}', ["key 'threshold' appears more than once"]),
+    ('{"image_branch": {"test_time_flips": "yes"}}', ["field 'image_branch'", "'test_time_flips' is true or false"]),
+    ('{"image_branch": 3}', ["field 'image_branch' = 3 is malformed"]),
 ])
 def test_malformed_model_card_exits_2_with_one_line(model_dir, cell, tmp_path, capsys, card_text, needles):
     d = _copy_models(model_dir, tmp_path)

@@ -355,8 +355,12 @@ def image_branch_for_fusion(run, head_epochs: int = 200):
             reason = f"notebook 03 has classes {meta.get('classes')}, here {list(classes)}"
     if reason is None:
         branch = image_model.load_model(path)
+        # 03 chose flip test-time augmentation for this branch on validation (or not): whoever scores the
+        # image branch alone (cervical-kit-infer, the app) scores it the same way (lib.serve.inference)
+        flips = bool((meta.get("headline") or {}).get("tta_finetuned", False))
         return branch, {"source": "notebook 03 (image_branch.keras)", "file": path.name,
-                        "recipe": meta.get("recipe", {}), "reason": "same parameters and split as this notebook"}
+                        "recipe": meta.get("recipe", {}), "reason": "same parameters and split as this notebook",
+                        "test_time_flips": flips}
     branch = image_model.build_image_classifier(len(classes), params["backbone"], params["image_size"],
                                                 params["weights"], seed=params["seed"])
     feats = _branch_features(branch, table, params["image_size"])
@@ -365,7 +369,7 @@ def image_branch_for_fusion(run, head_epochs: int = 200):
     info = fit_image_head_on_features(branch, feats[tr], y[tr], feats[va], y[va], epochs=head_epochs,
                                       seed=params["seed"])
     return branch, {"source": "built here: frozen backbone + head trained on its pooled features",
-                    "file": None, "reason": reason, "head_training": info}
+                    "file": None, "reason": reason, "head_training": info, "test_time_flips": False}
 
 
 def cached_image_embeddings(run, branch, info: dict) -> tuple[np.ndarray, bool]:

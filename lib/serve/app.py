@@ -248,13 +248,15 @@ def score_image(run: LoadedRun, image_path, with_gradcam: bool = True) -> dict:
         raise InputError(run.problem)
     x = _image(run, image_path)
     with run.lock:
-        probs = gradcam.predict(run.branch, inputs={"image": x})[0]
+        probs = inference.image_probabilities(run.branch, x, run.card)[0]  # flip TTA when notebook 03 chose it
         risk = float(probs[run.abnormal_idx].sum())
         target = int(run.abnormal_idx[int(np.argmax(probs[run.abnormal_idx]))])
         heat = gradcam.gradcam_tape(run.branch, None, target=target, inputs={"image": x})[0] if with_gradcam else None
     return {"image_risk": risk, "probabilities": dict(zip(run.classes, map(float, probs))),
             "image_class": "abnormal" if risk >= run.threshold else "normal", "threshold": run.threshold,
-            "gradcam_target": run.classes[target], "x": x, "heat": heat, "notes": []}
+            "gradcam_target": run.classes[target], "x": x, "heat": heat,
+            "notes": ["image branch: mean of four flip views (flip test-time augmentation, chosen on the validation "
+                      "split in notebook 03)"] if inference.uses_flips(run.card) else []}
 
 
 def score_fused(run: LoadedRun, image_path, record: dict, with_gradcam: bool = True) -> dict:
@@ -272,7 +274,7 @@ def score_fused(run: LoadedRun, image_path, record: dict, with_gradcam: bool = T
         fused = float(gradcam.predict(run.hybrid, inputs=feed).reshape(-1)[0])
         heat = gradcam.gradcam_tape(run.hybrid, None, target=None, inputs=feed)[0] if with_gradcam else None
     out.update(fused_risk=fused, fused_class="abnormal" if fused >= run.threshold else "normal", heat=heat,
-               notes=notes, gradcam_target="fused risk")
+               notes=out["notes"] + notes, gradcam_target="fused risk")
     return out
 
 

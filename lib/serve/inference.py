@@ -123,7 +123,7 @@ def check_card(card: dict, model_dir=None, source: str = "model card") -> dict:
     """The card's fields that the tool uses, type-checked; returns ``card``, or :class:`InputError` naming the field.
 
     ``threshold`` a finite number; ``synthetic`` true/false; ``image_classes`` and ``abnormal_classes`` lists of
-    distinct names; ``files`` an object of file names, each inside ``model_dir`` (when given).  Other fields are
+    distinct names; ``image_branch.test_time_flips`` true/false; ``files`` an object of file names, each inside ``model_dir`` (when given).  Other fields are
     descriptive and not checked.
     """
     if not isinstance(card, dict):
@@ -142,6 +142,9 @@ def check_card(card: dict, model_dir=None, source: str = "model card") -> dict:
             if (not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v)
                     or len(set(v)) != len(v)):
                 raise bad(field, "a non-empty list of distinct class names")
+    branch = card.get("image_branch")
+    if "image_branch" in card and not (isinstance(branch, dict) and isinstance(branch.get("test_time_flips", False), bool)):
+        raise bad("image_branch", "an object whose 'test_time_flips' is true or false (notebook 03's choice)")
     if "files" in card:
         files = card["files"]
         if not isinstance(files, dict):
@@ -369,6 +372,25 @@ def abnormal_indices(card: dict, n_classes: int) -> tuple[list, list]:
     return idx, [classes[i] for i in idx]
 
 
+def uses_flips(card: dict) -> bool:
+    """Whether the image branch is scored with flip test-time augmentation: notebook 03 chose it on the
+    validation split (saved in the card by notebook 05); a card without the field means no."""
+    return bool((card.get("image_branch") or {}).get("test_time_flips", False))
+
+
+def image_probabilities(model, x: np.ndarray, card: dict) -> np.ndarray:
+    """Class probabilities of the image branch for images ``x`` (RGB 0..255), scored as notebook 03
+    reported it: the mean over the four flip views (:mod:`lib.image.tta`) when 03 chose flip TTA on
+    validation, else one pass.  The CLI and the app both call this, so they agree with 03's numbers."""
+    from lib.explain import gradcam
+    from lib.image import tta
+
+    def one_pass(images):
+        return gradcam.predict(model, inputs={"image": images})
+
+    return (tta.with_flips(one_pass) if uses_flips(card) else one_pass)(x)
+
+
 def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gradcam_out=None) -> dict:
     """Everything :func:`main` prints, as a dict; raises :class:`InputError` for bad input."""
     from lib.tabular import mlp
@@ -417,10 +439,11 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
     else:
         idx, abnormal = abnormal_indices(card, int(model.output.shape[-1]))
         feed = {"image": x_img}
-        probs = gradcam.predict(model, inputs=feed)[0]
+        probs = image_probabilities(model, x_img, card)[0]
         score = float(probs[idx].sum())
         target = int(idx[int(np.argmax(probs[idx]))])  # Grad-CAM of the likelier abnormal class
-        mode = f"image only (no --tabular record: the image branch alone; risk = P({' + '.join(abnormal)}))"
+        mode = (f"image only (no --tabular record: the image branch alone; risk = P({' + '.join(abnormal)})"
+                + ("; mean of four flip views, as notebook 03 chose on validation" if uses_flips(card) else "") + ")")
     result = {"model": str(model_path), "mode": mode, "image": str(image_path), "risk": score,
               "threshold": threshold, "class": "abnormal" if score >= threshold else "normal", "notes": notes,
               "synthetic": bool(card.get("synthetic", False))}
