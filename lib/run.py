@@ -249,6 +249,10 @@ class Run:
                 seed=P["seed"], images_per_class=P["images_per_class"],
                 folder_abnormal=resolved["abnormal_classes"], group_pattern=resolved["group_pattern"])
         info = datasets.describe(ds, resolved["dataset"], resolved["group_pattern"])
+        # "auto" becomes a number here, from the images themselves (config.resolve_image_size), the same in
+        # every notebook of the run; the reason is kept for the notebooks to print
+        P["image_size"], P["image_size_reason"] = config.resolve_image_size(
+            P["image_size"], np.minimum(ds.table["width"], ds.table["height"]))
         if saved is None:
             table = splits.grouped_split(ds.table, seed=P["seed"])
             splits.assert_no_group_leak(table)

@@ -40,7 +40,7 @@ def test_run_dirs_are_per_profile(tmp_path):
 def test_run_params_profiles_and_overrides():
     smoke = config.run_params("smoke")
     full = config.run_params("full")
-    assert smoke["image_size"] < full["image_size"] == 224
+    assert smoke["image_size"] == 64 and full["image_size"] == "auto"  # resolved from the images (Run.open)
     assert full["images_per_class"] is None
     p = config.run_params("smoke", image_size=96, epochs=None, seed=7)
     assert p["image_size"] == 96 and p["epochs"] == smoke["epochs"] and p["seed"] == 7
@@ -53,6 +53,26 @@ def test_run_params_profiles_and_overrides():
 def test_run_params_rejects_out_of_range(knob, value, match):
     with pytest.raises(ValueError, match=match):
         config.run_params("smoke", **{knob: value})
+
+
+@pytest.mark.parametrize("sides, size, words", [
+    ([40, 38, 44], 128, "enlarges it 3.2x"),          # small crops: 224 px would enlarge them 5.6x
+    ([90, 85, 120], 224, "(90 px) at most 3x"),       # the stand-in's cells
+    ([512, 512], 224, "(512 px) at most 3x"),         # LBC fields: never larger than 224 px
+    ([50, 60, 45], 128, "(50 px) at most 3x"),        # 128 px enlarges 50 px 2.6x
+])
+def test_auto_image_size_follows_the_images(sides, size, words):
+    got, why = config.resolve_image_size("auto", sides)
+    assert got == size and words in why and f"{size} px" in why
+    assert config.resolve_image_size(96, sides) == (96, None)  # a number is kept as it is
+
+
+def test_auto_image_size_needs_sizes():
+    for bad in ([], [0, 40], [float("nan")]):
+        with pytest.raises(ValueError, match="image_size='auto'"):
+            config.resolve_image_size("auto", bad)
+    with pytest.raises(ValueError, match="'image_size': expected 'auto'"):
+        config.run_params("full", image_size="big")
 
 
 def test_unknown_profile_is_named():

@@ -41,6 +41,15 @@ def test_open_writes_split_once_and_later_opens_read_it(tmp_path):
     assert str(tmp_path) not in saved
 
 
+def test_auto_image_size_is_resolved_from_the_run_images(tmp_path):
+    """image_size='auto' becomes a number in Run.open, from the images' own sizes, with the reason kept."""
+    root = _copies_dataset(tmp_path / "ds")  # 12 x 9 px images: 128 px already enlarges them far more than 3x
+    run = _open(root, tmp_path / "b", image_size="auto")
+    assert run.params["image_size"] == 128 and "shorter side is 9 px" in run.params["image_size_reason"]
+    fixed = _open(root, tmp_path / "b2", image_size=96)
+    assert fixed.params["image_size"] == 96 and fixed.params["image_size_reason"] is None
+
+
 def test_contradicting_parameter_is_refused_and_nothing_overwritten(tmp_path):
     root = _copies_dataset(tmp_path / "ds")
     run = _open(root, tmp_path / "b")
