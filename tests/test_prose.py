@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import PROFILES
+from lib.config import AUTO_IMAGE_SIZES, PROFILES
 from lib.report import references
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,10 @@ def _grid(m) -> bool:
     """``7x7 at 224 px (the `full` profile)``: the named profile's size, divided by EfficientNet's stride 32."""
     a, b, size = int(m["a"]), int(m["b"]), int(m["size"])
     profile = m["p1"] or m["p2"]
-    sizes = {p["image_size"] for p in PROFILES.values()} if profile is None else {PROFILES[profile]["image_size"]}
+    chosen = PROFILES.values() if profile is None else [PROFILES[profile]]
+    sizes = set()
+    for p in chosen:  # "auto" is one of config.AUTO_IMAGE_SIZES, chosen from the images
+        sizes |= set(AUTO_IMAGE_SIZES) if p["image_size"] == "auto" else {p["image_size"]}
     return a == b == size // 32 and size in sizes
 
 
