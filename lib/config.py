@@ -101,6 +101,7 @@ PROFILES: dict[str, dict] = {
         epochs=2,
         augmented_views=6,         # regularized recipe: augmented views per training image (lib.image.cached_finetune);
                                    # 6 chosen on LBC's grouped validation split (benchmarks/bench_finetune_lbc.py)
+        fine_tune="auto",          # notebook 03: "top" (blocks 6c-7a), "deep" (4a-7a) or "auto" (deep for small crops)
         naive_epochs=8,            # the naive recipe needs a few epochs to overfit visibly
         naive_train_images=None,
         batch_size=16,
@@ -125,6 +126,7 @@ PROFILES: dict[str, dict] = {
         epochs=12,                 # upper bound: early stopping (patience 3) usually ends sooner
         augmented_views=3,         # 6 won on LBC's grouped validation at 128 px, but at 224 px 6 views took 03 to 852 s and
                                    # 5.6 GB (3 views: 656 s, 4.2 GB): the full profile's time and memory budget decides
+        fine_tune="auto",
         naive_epochs=6,
         naive_train_images=250,    # full fine-tuning runs ~7 img/s at 224 px on 2 cores: a stratified subset keeps 02 in budget
                                    # (500 took 480 s of 02's 523 s; fewer images only make the overfitting plainer)
@@ -149,6 +151,36 @@ AUTO_IMAGE_SIZES = (224, 128)
 MAX_UPSAMPLING = 3.0
 
 
+FINE_TUNE_CHOICES = ("auto", "top", "deep")
+
+
+def small_crops(short_sides) -> tuple[bool, float]:
+    """``(small, median)``: whether the images are small crops, i.e. the largest of :data:`AUTO_IMAGE_SIZES`
+    would enlarge their median shorter side more than :data:`MAX_UPSAMPLING` times."""
+    import numpy as np
+
+    sides = np.asarray(list(short_sides), dtype=float)
+    if sides.size == 0 or not np.all(np.isfinite(sides)) or np.any(sides <= 0):
+        raise ValueError("image_size / fine_tune 'auto' need the images' sizes (positive widths and heights)")
+    median = float(np.median(sides))
+    return max(AUTO_IMAGE_SIZES) > MAX_UPSAMPLING * median, median
+
+
+def resolve_fine_tune(fine_tune, short_sides) -> tuple[str, str | None]:
+    """``(depth, reason)``: ``fine_tune`` itself when it is ``"top"`` or ``"deep"``; for ``"auto"``, ``"deep"``
+    for small crops (:func:`small_crops`) and ``"top"`` otherwise, with a sentence saying why
+    (:data:`lib.image.image_model.FINE_TUNE_DEPTHS` holds what each depth trains)."""
+    if fine_tune not in FINE_TUNE_CHOICES:
+        raise ValueError(f"parameter 'fine_tune': expected one of {list(FINE_TUNE_CHOICES)}, got {fine_tune!r}")
+    if fine_tune != "auto":
+        return fine_tune, None
+    small, median = small_crops(short_sides)
+    return ("deep", f"fine_tune='auto': deep (blocks 4a-7a), because the images are small crops (median "
+                    f"shorter side {median:g} px), where frozen ImageNet features fit worst") if small else \
+        ("top", f"fine_tune='auto': top (blocks 6c-7a): the images are not small crops (median shorter side "
+                f"{median:g} px)")
+
+
 def resolve_image_size(image_size, short_sides) -> tuple[int, str | None]:
     """``(size, reason)``: ``image_size`` itself when it is a number (reason ``None``); for ``"auto"`` the
     largest of :data:`AUTO_IMAGE_SIZES` that enlarges the median shorter side of the images at most
@@ -159,12 +191,7 @@ def resolve_image_size(image_size, short_sides) -> tuple[int, str | None]:
     """
     if image_size != "auto":
         return image_size, None
-    import numpy as np
-
-    sides = np.asarray(list(short_sides), dtype=float)
-    if sides.size == 0 or not np.all(np.isfinite(sides)) or np.any(sides <= 0):
-        raise ValueError("image_size='auto' needs the images' sizes (positive widths and heights)")
-    median = float(np.median(sides))
+    _, median = small_crops(short_sides)
     fits = [s for s in AUTO_IMAGE_SIZES if s <= MAX_UPSAMPLING * median]
     size = max(fits) if fits else min(AUTO_IMAGE_SIZES)
     return size, (f"image_size='auto': {size} px, the largest of {list(AUTO_IMAGE_SIZES)} px that enlarges the "
@@ -201,6 +228,8 @@ def run_params(profile: str = "smoke", **overrides) -> dict:
     if ipc is not None and (not isinstance(ipc, int) or ipc < 2):
         raise ValueError(f"parameter 'images_per_class': expected None (all) or an integer >= 2, got {ipc!r}")
     check_test_time_flips(params["test_time_flips"])
+    if params["fine_tune"] not in FINE_TUNE_CHOICES:
+        raise ValueError(f"parameter 'fine_tune': expected one of {list(FINE_TUNE_CHOICES)}, got {params['fine_tune']!r}")
     return params
 
 

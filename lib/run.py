@@ -251,8 +251,9 @@ class Run:
         info = datasets.describe(ds, resolved["dataset"], resolved["group_pattern"])
         # "auto" becomes a number here, from the images themselves (config.resolve_image_size), the same in
         # every notebook of the run; the reason is kept for the notebooks to print
-        P["image_size"], P["image_size_reason"] = config.resolve_image_size(
-            P["image_size"], np.minimum(ds.table["width"], ds.table["height"]))
+        sides = np.minimum(ds.table["width"], ds.table["height"])
+        P["image_size"], P["image_size_reason"] = config.resolve_image_size(P["image_size"], sides)
+        P["fine_tune"], P["fine_tune_reason"] = config.resolve_fine_tune(P["fine_tune"], sides)
         if saved is None:
             table = splits.grouped_split(ds.table, seed=P["seed"])
             splits.assert_no_group_leak(table)

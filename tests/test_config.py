@@ -67,9 +67,24 @@ def test_auto_image_size_follows_the_images(sides, size, words):
     assert config.resolve_image_size(96, sides) == (96, None)  # a number is kept as it is
 
 
+@pytest.mark.parametrize("sides, depth", [([40, 38, 44], "deep"), ([50, 60, 45], "deep"), ([90, 85, 120], "top"),
+                                          ([512, 512], "top")])
+def test_auto_fine_tune_depth_follows_the_images(sides, depth):
+    """Small crops (224 px would enlarge them more than 3x) are fine-tuned deep; the rest from the top blocks."""
+    from lib.image.image_model import FINE_TUNE_DEPTHS
+
+    got, why = config.resolve_fine_tune("auto", sides)
+    assert got == depth and why.startswith(f"fine_tune='auto': {depth}") and depth in FINE_TUNE_DEPTHS
+    assert config.resolve_fine_tune("top", sides) == ("top", None)
+    with pytest.raises(ValueError, match="'fine_tune': expected one of"):
+        config.resolve_fine_tune("all", sides)
+    with pytest.raises(ValueError, match="'fine_tune': expected one of"):
+        config.run_params("full", fine_tune="everything")
+
+
 def test_auto_image_size_needs_sizes():
     for bad in ([], [0, 40], [float("nan")]):
-        with pytest.raises(ValueError, match="image_size='auto'"):
+        with pytest.raises(ValueError, match="image_size / fine_tune .auto."):
             config.resolve_image_size("auto", bad)
     with pytest.raises(ValueError, match="'image_size': expected 'auto'"):
         config.run_params("full", image_size="big")

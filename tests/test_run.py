@@ -41,13 +41,15 @@ def test_open_writes_split_once_and_later_opens_read_it(tmp_path):
     assert str(tmp_path) not in saved
 
 
-def test_auto_image_size_is_resolved_from_the_run_images(tmp_path):
-    """image_size='auto' becomes a number in Run.open, from the images' own sizes, with the reason kept."""
+def test_auto_image_size_and_depth_are_resolved_from_the_run_images(tmp_path):
+    """image_size and fine_tune "auto" are resolved in Run.open, from the images' own sizes, reasons kept."""
     root = _copies_dataset(tmp_path / "ds")  # 12 x 9 px images: 128 px already enlarges them far more than 3x
     run = _open(root, tmp_path / "b", image_size="auto")
     assert run.params["image_size"] == 128 and "shorter side is 9 px" in run.params["image_size_reason"]
-    fixed = _open(root, tmp_path / "b2", image_size=96)
+    assert run.params["fine_tune"] == "deep" and "small crops" in run.params["fine_tune_reason"]  # smoke's "auto"
+    fixed = _open(root, tmp_path / "b2", image_size=96, fine_tune="top")
     assert fixed.params["image_size"] == 96 and fixed.params["image_size_reason"] is None
+    assert fixed.params["fine_tune"] == "top" and fixed.params["fine_tune_reason"] is None
 
 
 def test_contradicting_parameter_is_refused_and_nothing_overwritten(tmp_path):

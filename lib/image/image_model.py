@@ -39,6 +39,14 @@ LINEAR_PROBE_EPOCHS = 40  # regularized recipe: most head-only epochs on frozen 
 LINEAR_PROBE_LR = 1e-3  # Adam learning rate of that head-only stage
 LP_FT_LEARNING_RATE = 3e-5  # fine-tuning rate after the head-only stage (the head is already fitted)
 UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c, 6d, 7a) and top_conv fine-tuned
+#: how much of the backbone the regularized recipe fine-tunes (the run's ``fine_tune`` knob, lib.config):
+#: "top" for images the backbone sees at their own scale; "deep" (blocks 4a-7a at a higher rate) for small
+#: crops, where ImageNet's frozen mid-level features fit worst and the deeper cut is cheap at 128 px.  Chosen on
+#: grouped validation of two small-crop proxies (benchmarks/bench_finetune_lbc.py --small-crops 40)
+FINE_TUNE_DEPTHS = {
+    "top": dict(unfreeze_from=UNFREEZE_FROM, lr=LP_FT_LEARNING_RATE),
+    "deep": dict(unfreeze_from="block4a", lr=1e-4),
+}
 
 
 # --------------------------------------------------------------------------- building
