@@ -77,34 +77,37 @@ RULED_OUT = ("LP-FT (lr 1e-4, cosine)", "LP-FT (lr 3e-5, label smoothing 0.1)")
 
 def small_crop_proxy(source: Path, px: int, centre: float) -> Path:
     """A harder stand-in for small cell crops: every image of ``source`` cut to its central ``centre`` fraction
-    and resized to ``px`` x ``px`` (bicubic), same folders and file stems (so the same groups), PNG.
+    (:func:`lib.image.shortcuts.central_box`, as the border-crop check cuts) and resized to ``px`` x ``px``
+    (bicubic), same folders and file stems (so the same groups), PNG (SIPaKMeD's .bmp names kept).
 
-    Why: on LBC (512 px fields) and the stand-in (~90 px cells) the frozen features are strong and every recipe
-    ties; a real 7-class set of 40 px crops is where fine-tuning failed to beat the probe.  Written once under
-    ``<cache>/proxies/`` (atomically: a folder renamed into place), never into the source.
+    Why: on LBC (512 px fields) and the stand-in (cells of median shorter side 106 px) the frozen features are
+    strong and every recipe ties; a real 7-class set of 40 px crops is where fine-tuning failed to beat the probe.
+    Written once under ``<cache>/proxies/`` (atomically: a folder renamed into place), never into the source.
     """
+    import shutil
+
     from PIL import Image
+
+    from lib.data.image_data import IMAGE_EXTENSIONS
+    from lib.image.input_pipeline import to_rgb
+    from lib.image.shortcuts import central_box
 
     out = config.cache_dir() / "proxies" / f"{source.name}_c{round(centre * 100)}_{px}px"
     if out.is_dir():
         return out
     tmp = out.with_name(out.name + ".partial")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
-    files = [f for f in sorted(source.rglob("*")) if f.suffix.lower() in (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")]
+    files = [f for f in sorted(source.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise FileNotFoundError(f"--small-crops: no images under {source} (set --data-source or ${config.ENV_DATA})")
     for f in files:
         rel = f.relative_to(source)
-        dst = tmp / (rel if f.suffix.lower() == ".bmp" else rel.with_suffix(".png"))  # SIPaKMeD layout keeps .bmp
+        dst = tmp / (rel if f.suffix.lower() == ".bmp" else rel.with_suffix(".png"))
         dst.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(f) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            cw, ch = max(1, round(w * centre)), max(1, round(h * centre))
-            im = im.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
-            im.resize((px, px), Image.BICUBIC).save(dst)
+            im.load()  # decoded before the file closes (to_rgb may return the image itself)
+            rgb = to_rgb(im)
+        rgb.crop(central_box(*rgb.size, centre)).resize((px, px), Image.BICUBIC).save(dst)
     tmp.rename(out)
     print(f"small-crop proxy: {len(files)} images, central {centre:g} of each side, {px} px -> {out}", flush=True)
     return out
@@ -322,7 +325,8 @@ def main(argv=None) -> int:
                 "matches_or_beats_probe": bool(ct["macro_f1"] >= pt["macro_f1"] and ct["abnormal_auc"] >= pt["abnormal_auc"])}
     some = next(iter(crops.values()))
     out = {"machine": info, "dataset": data_name, "group_unit": run.dataset.group_word,
-           "small_crop_proxy": {"px": args.small_crops, "centre": args.centre} if args.small_crops else None, "image_size": size, "epochs": P["epochs"],
+           "small_crop_proxy": {"px": args.small_crops, "centre": args.centre} if args.small_crops else None,
+           "image_size": size, "epochs": P["epochs"],
            "batch_size": bs, "seed": seed, "n": {"train": len(train_t), "val": len(val_t), "test": len(test_t),
                                                  "test_groups": int(test_t["group"].nunique())},
            "interval_method": some["1"]["interval_method"] if "1" in some else None,

@@ -170,15 +170,20 @@ def resolve_fine_tune(fine_tune, short_sides) -> tuple[str, str | None]:
     """``(depth, reason)``: ``fine_tune`` itself when it is ``"top"`` or ``"deep"``; for ``"auto"``, ``"deep"``
     for small crops (:func:`small_crops`) and ``"top"`` otherwise, with a sentence saying why
     (:data:`lib.image.image_model.FINE_TUNE_DEPTHS` holds what each depth trains)."""
-    if fine_tune not in FINE_TUNE_CHOICES:
-        raise ValueError(f"parameter 'fine_tune': expected one of {list(FINE_TUNE_CHOICES)}, got {fine_tune!r}")
-    if fine_tune != "auto":
+    if check_fine_tune(fine_tune) != "auto":
         return fine_tune, None
     small, median = small_crops(short_sides)
-    return ("deep", f"fine_tune='auto': deep (blocks 4a-7a), because the images are small crops (median "
-                    f"shorter side {median:g} px), where frozen ImageNet features fit worst") if small else \
-        ("top", f"fine_tune='auto': top (blocks 6c-7a): the images are not small crops (median shorter side "
-                f"{median:g} px)")
+    if small:
+        return "deep", (f"fine_tune='auto': deep, because the images are small crops (median shorter side "
+                        f"{median:g} px), where frozen ImageNet features fit worst")
+    return "top", f"fine_tune='auto': top, because the images are not small crops (median shorter side {median:g} px)"
+
+
+def check_fine_tune(value):
+    """``value`` if it is one of :data:`FINE_TUNE_CHOICES`, else ``ValueError`` naming the parameter."""
+    if value not in FINE_TUNE_CHOICES:
+        raise ValueError(f"parameter 'fine_tune': expected one of {list(FINE_TUNE_CHOICES)}, got {value!r}")
+    return value
 
 
 def resolve_image_size(image_size, short_sides) -> tuple[int, str | None]:
@@ -228,8 +233,7 @@ def run_params(profile: str = "smoke", **overrides) -> dict:
     if ipc is not None and (not isinstance(ipc, int) or ipc < 2):
         raise ValueError(f"parameter 'images_per_class': expected None (all) or an integer >= 2, got {ipc!r}")
     check_test_time_flips(params["test_time_flips"])
-    if params["fine_tune"] not in FINE_TUNE_CHOICES:
-        raise ValueError(f"parameter 'fine_tune': expected one of {list(FINE_TUNE_CHOICES)}, got {params['fine_tune']!r}")
+    check_fine_tune(params["fine_tune"])
     return params
 
 

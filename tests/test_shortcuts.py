@@ -32,8 +32,8 @@ def test_crop_border_removes_the_frame_and_keeps_the_shape():
 
 
 def test_box_is_central():
-    assert sc._box(100, 50, 0.8) == (10, 5, 90, 45)
-    assert sc._box(512, 512, 0.7) == (77, 77, 435, 435)
+    assert sc.central_box(100, 50, 0.8) == (10, 5, 90, 45)
+    assert sc.central_box(512, 512, 0.7) == (77, 77, 435, 435)
 
 
 @pytest.mark.parametrize("keep", [0.1, 1.5, True, "0.8"])

@@ -26,7 +26,7 @@ def _check_keep(keep) -> float:
     return float(keep)
 
 
-def _box(width: int, height: int, keep: float) -> tuple[int, int, int, int]:
+def central_box(width: int, height: int, keep: float) -> tuple[int, int, int, int]:
     """The central ``keep`` x ``keep`` box (left, upper, right, lower) of a ``width`` x ``height`` image."""
     w, h = max(1, int(round(width * keep))), max(1, int(round(height * keep)))
     left, top = (width - w) // 2, (height - h) // 2
@@ -43,7 +43,7 @@ def crop_border(images, keep: float) -> np.ndarray:
     n, h, w, _ = arr.shape
     if keep == 1.0:
         return arr.astype(np.float32, copy=True)
-    box = _box(w, h, keep)
+    box = central_box(w, h, keep)
     out = np.empty((n, h, w, 3), np.float32)
     for i in range(n):
         im = Image.fromarray(np.clip(np.rint(arr[i]), 0, 255).astype(np.uint8))
@@ -63,7 +63,7 @@ def mask_border(images, keep: float) -> np.ndarray:
     if keep == 1.0:
         return out
     n, h, w, _ = arr.shape
-    left, top, right, bottom = _box(w, h, keep)
+    left, top, right, bottom = central_box(w, h, keep)
     inner = out[:, top:bottom, left:right].copy()
     out[:] = inner.mean(axis=(1, 2), keepdims=True)
     out[:, top:bottom, left:right] = inner
@@ -88,7 +88,7 @@ def load_cropped(table, image_size: int, keep: float) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - name the file, whatever Pillow raised
             raise ImageDecodeError(f"image file {p!r}: cannot decode ({type(exc).__name__}: {exc})") from exc
         if keep < 1.0:
-            rgb = rgb.crop(_box(*rgb.size, keep))
+            rgb = rgb.crop(central_box(*rgb.size, keep))
         if rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
         out[i] = np.asarray(rgb, np.float32)

@@ -255,8 +255,7 @@ def score_image(run: LoadedRun, image_path, with_gradcam: bool = True) -> dict:
     return {"image_risk": risk, "probabilities": dict(zip(run.classes, map(float, probs))),
             "image_class": "abnormal" if risk >= run.threshold else "normal", "threshold": run.threshold,
             "gradcam_target": run.classes[target], "x": x, "heat": heat,
-            "notes": ["image branch: mean of four flip views (flip test-time augmentation, chosen on the validation "
-                      "split in notebook 03)"] if inference.uses_flips(run.card) else []}
+            "notes": [f"image branch: {inference.FLIPS_NOTE}"] if inference.uses_flips(run.card) else []}
 
 
 def score_fused(run: LoadedRun, image_path, record: dict, with_gradcam: bool = True) -> dict:

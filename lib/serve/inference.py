@@ -123,8 +123,8 @@ def check_card(card: dict, model_dir=None, source: str = "model card") -> dict:
     """The card's fields that the tool uses, type-checked; returns ``card``, or :class:`InputError` naming the field.
 
     ``threshold`` a finite number; ``synthetic`` true/false; ``image_classes`` and ``abnormal_classes`` lists of
-    distinct names; ``image_branch.test_time_flips`` true/false; ``files`` an object of file names, each inside ``model_dir`` (when given).  Other fields are
-    descriptive and not checked.
+    distinct names; ``image_branch.test_time_flips`` true/false; ``files`` an object of file names, each inside
+    ``model_dir`` (when given).  Other fields are descriptive and not checked.
     """
     if not isinstance(card, dict):
         raise InputError(f"{source}: expected a JSON object, got {type(card).__name__}")
@@ -372,6 +372,10 @@ def abnormal_indices(card: dict, n_classes: int) -> tuple[list, list]:
     return idx, [classes[i] for i in idx]
 
 
+#: what the CLI's mode line and the app's notes say when the image branch is scored with flips
+FLIPS_NOTE = "mean of four flip views (flip test-time augmentation, chosen on the validation split in notebook 03)"
+
+
 def uses_flips(card: dict) -> bool:
     """Whether the image branch is scored with flip test-time augmentation: notebook 03 chose it on the
     validation split (saved in the card by notebook 05); a card without the field means no."""
@@ -443,7 +447,7 @@ def predict_one(image_path, tabular_path=None, model_dir=None, profile=None, gra
         score = float(probs[idx].sum())
         target = int(idx[int(np.argmax(probs[idx]))])  # Grad-CAM of the likelier abnormal class
         mode = (f"image only (no --tabular record: the image branch alone; risk = P({' + '.join(abnormal)})"
-                + ("; mean of four flip views, as notebook 03 chose on validation" if uses_flips(card) else "") + ")")
+                + (f"; {FLIPS_NOTE}" if uses_flips(card) else "") + ")")
     result = {"model": str(model_path), "mode": mode, "image": str(image_path), "risk": score,
               "threshold": threshold, "class": "abnormal" if score >= threshold else "normal", "notes": notes,
               "synthetic": bool(card.get("synthetic", False))}
