@@ -143,7 +143,8 @@ def check_card(card: dict, model_dir=None, source: str = "model card") -> dict:
                     or len(set(v)) != len(v)):
                 raise bad(field, "a non-empty list of distinct class names")
     branch = card.get("image_branch")
-    if "image_branch" in card and not (isinstance(branch, dict) and isinstance(branch.get("test_time_flips", False), bool)):
+    if "image_branch" in card and not (isinstance(branch, dict)
+                                       and isinstance(branch.get("test_time_flips", False), bool)):
         raise bad("image_branch", "an object whose 'test_time_flips' is true or false (notebook 03's choice)")
     if "files" in card:
         files = card["files"]
