@@ -68,6 +68,14 @@ VARIANTS = {
     "LP-FT (lr 1e-4, from block 5a)": ({**LP, "lr": 1e-4, "unfreeze_from": "block5a"}, 3, "ft"),
     "LP-FT (lr 3e-5, from block 5a)": ({**LP, "lr": 3e-5, "unfreeze_from": "block5a"}, 3, "ft"),
     "LP-FT (lr 1e-4, from block 4a)": ({**LP, "lr": 1e-4, "unfreeze_from": "block4a"}, 3, "ft"),
+    # the deep recipe stopped at epochs 5-11 with patience 3: longer and with more views ("epochs" overrides --epochs)
+    "LP-FT (lr 1e-4, from block 4a, 6 views)": ({**LP, "lr": 1e-4, "unfreeze_from": "block4a"}, 6, "ft"),
+    "LP-FT (lr 1e-4, from block 4a, patience 5, 20 epochs)":
+        ({**LP, "lr": 1e-4, "unfreeze_from": "block4a", "patience": 5, "epochs": 20}, 3, "ft"),
+    "LP-FT (lr 1e-4, from block 4a, patience 5)":
+        ({**LP, "lr": 1e-4, "unfreeze_from": "block4a", "patience": 5}, 3, "ft"),
+    "LP-FT (lr 1e-4, from block 4a, 6 views, patience 5, 20 epochs)":
+        ({**LP, "lr": 1e-4, "unfreeze_from": "block4a", "patience": 5, "epochs": 20}, 6, "ft"),
 }
 
 #: below the joint recipe and LP-FT on validation macro-F1 in the first round (one seed, all variants:
@@ -113,6 +121,38 @@ def small_crop_proxy(source: Path, px: int, centre: float) -> Path:
     return out
 
 
+def group_subset(table, source: Path, fraction: float, seed: int) -> Path:
+    """A smaller copy of ``source``: a seeded ``fraction`` of each class's groups (``table['group']``, the kit's
+    own grouping), all their images, same relative paths.  Why: the held-out set is small (hundreds of images per
+    split, not thousands); a recipe that wins with 1600 training images may overfit with a few hundred.
+    Written once beside ``source`` (atomically), never into it."""
+    import shutil
+
+    import numpy as np
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"--keep-groups: expected a fraction in (0, 1), got {fraction!r}")
+    out = source.with_name(f"{source.name}_g{round(fraction * 100)}_s{seed}")
+    if out.is_dir():
+        return out
+    rng = np.random.default_rng(seed)
+    first_label = table.groupby("group")["label"].first()
+    keep = set()
+    for label in sorted(first_label.unique()):
+        groups = sorted(first_label.index[first_label == label])
+        keep.update(rng.permutation(groups)[:max(2, round(fraction * len(groups)))].tolist())
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = table[table["group"].isin(keep)]
+    for path in rows["path"]:
+        rel = Path(path).relative_to(source)
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tmp / rel)
+    tmp.rename(out)
+    print(f"group subset: {len(rows)} of {len(table)} images ({len(keep)} groups) -> {out}", flush=True)
+    return out
+
+
 def machine() -> dict:
     import psutil
 
@@ -151,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small-crops", type=int, default=None, metavar="PX",
                     help="run on a small-crop proxy of the data: central --centre of each image resized to PX px")
     ap.add_argument("--centre", type=float, default=1.0, help="with --small-crops: central fraction of each side kept")
+    ap.add_argument("--keep-groups", type=float, default=None, metavar="F",
+                    help="run on a seeded fraction F of each class's groups (a small-data proxy; after --small-crops)")
     ap.add_argument("--out", default=None, help="results name under build/benchmarks/ (default finetune_lbc): a "
                                                 "partial rerun (--only) can keep the full ablation's files")
     args = ap.parse_args(argv)
@@ -182,6 +224,10 @@ def main(argv=None) -> int:
             source = str(load_image_dataset("synthetic", seed=args.seed).root)
         source = str(small_crop_proxy(Path(source), args.small_crops, args.centre))
     dataset = None if args.dataset in ("none", "") else args.dataset
+    if args.keep_groups:
+        whole = Run.open("full", data_source=source, dataset=dataset, build=build + "_whole", image_size=args.image_size,
+                         seed=args.seed)
+        source = str(group_subset(whole.table, Path(source), args.keep_groups, args.seed))
     run = Run.open("full", data_source=source, dataset=dataset, build=build, image_size=args.image_size,
                    epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     P = run.params
@@ -245,6 +291,8 @@ def main(argv=None) -> int:
               and (args.all or args.only or n not in RULED_OUT)}
     recipe_seeds = [seed] + [s for s in (args.recipe_seeds or []) if s != seed]
     for name, (kw, views, stage) in wanted.items():
+        kw = dict(kw)
+        epochs = kw.pop("epochs", P["epochs"])
         cut_key = kw.get("unfreeze_from", image_model.UNFREEZE_FROM)
         by_seed = []
         for rs in recipe_seeds:  # the views stay the main seed's: other seeds vary the head's start and the order
@@ -267,7 +315,7 @@ def main(argv=None) -> int:
                 hist = cf.linear_probe_stage(recipe, a["train"][:views], y, a["val"],
                                              val_t["label_idx"].to_numpy().astype(np.int32), bs, sw, rs)
             else:
-                hist = cf.fit_top(recipe, train_t, val_t, size, bs, P["epochs"], views=views, seed=rs, log=False,
+                hist = cf.fit_top(recipe, train_t, val_t, size, bs, epochs, views=views, seed=rs, log=False,
                                   progress=False, activations=a)
             fit_s = time.perf_counter() - t0
             pred = shortcuts.keras_predictor(recipe.model, bs)
@@ -282,7 +330,7 @@ def main(argv=None) -> int:
                   f"{hist['epochs_run']} epochs (best {hist['best_epoch']}), {fit_s:.0f} s", flush=True)
             if rs != seed:
                 continue
-            rows[name] = {"kind": stage, "image_size": size, "views": views, "options": dict(kw),
+            rows[name] = {"kind": stage, "image_size": size, "views": views, "options": dict(kw), "epochs": epochs,
                           "epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"],
                           "linear_probe_epochs_run": (hist.get("linear_probe") or {}).get("epochs_run"),
                           "fit_seconds": round(fit_s, 1), "cache_seconds_shared": a["cache_seconds"],
@@ -326,6 +374,7 @@ def main(argv=None) -> int:
     some = next(iter(crops.values()))
     out = {"machine": info, "dataset": data_name, "group_unit": run.dataset.group_word,
            "small_crop_proxy": {"px": args.small_crops, "centre": args.centre} if args.small_crops else None,
+           "keep_groups": args.keep_groups,
            "image_size": size, "epochs": P["epochs"],
            "batch_size": bs, "seed": seed, "n": {"train": len(train_t), "val": len(val_t), "test": len(test_t),
                                                  "test_groups": int(test_t["group"].nunique())},
@@ -367,6 +416,8 @@ def plot(out: dict) -> None:
         ax.set(xlabel=label + " (o, 95% group bootstrap) / validation (x)")
     proxy = out.get("small_crop_proxy")
     what = out["dataset"].split(" (")[0] + (f", small-crop proxy {proxy['px']} px" if proxy else "")
+    if out.get("keep_groups"):
+        what += f", {out['keep_groups']:.0%} of the groups ({out['n']['train']} training images)"
     axes[0].set_title(f"{what}, grouped by {out.get('group_unit', 'source image')}, {out['image_size']} px; "
                       "green: chosen on validation", fontsize=9)
     ax = axes[2]
