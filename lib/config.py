@@ -123,7 +123,7 @@ PROFILES: dict[str, dict] = {
     "full": dict(
         images_per_class=None,
         image_size="auto",         # 224 px, or 128 px for small crops (resolve_image_size, from the images' sizes)
-        epochs=12,                 # upper bound: early stopping (patience 3) usually ends sooner
+        epochs=12,                 # upper bound: early stopping (patience 3, 5 for fine_tune="deep") usually ends sooner
         augmented_views=3,         # 6 won on LBC's grouped validation at 128 px, but at 224 px 6 views took 03 to 852 s and
                                    # 5.6 GB (3 views: 656 s, 4.2 GB): the full profile's time and memory budget decides
         fine_tune="auto",

@@ -229,3 +229,20 @@ def test_default_recipe_is_lp_ft_at_the_lower_rate_and_explicit_settings_win():
     joint = _lp_recipe(linear_probe_epochs=0)
     assert joint.settings["linear_probe_epochs"] == 0 and joint.lr == im.LEARNING_RATE
     assert _lp_recipe(lr=5e-4).lr == 5e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", sorted(im.FINE_TUNE_DEPTHS))
+def test_each_fine_tune_depth_builds_the_recipe_it_names(depth):
+    """What notebook 03 passes for ``fine_tune``: the cut, the rate and the early-stopping patience reach the model."""
+    import keras
+
+    opts = im.FINE_TUNE_DEPTHS[depth]
+    keras.utils.set_random_seed(3)
+    r = im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights=None, seed=3, **opts)
+    cut = im.trainable_summary(r.model)["first_trainable_backbone_layer"]
+    assert cut.startswith(opts["unfreeze_from"] + "_") and cf.split_model(r.model)[3] == cut
+    assert r.lr == opts["lr"] and f"lr={opts['lr']:g}" in r.settings["optimizer"]
+    stop = next(c for c in r.callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+    assert stop.patience == opts.get("patience", 3) and f"patience {stop.patience}," in r.settings["early_stopping"]
+    assert stop.restore_best_weights
