@@ -368,3 +368,33 @@ def test_pairing_lesson_measures_manufactured_tabular_information():
     lesson = hybrid.pairing_lesson(SimpleNamespace(averaged={k: {"auc": v} for k, v in auc.items()}))
     assert lesson["tabular_information_manufactured"] == pytest.approx(0.29)
     assert lesson["fusion_gain"] == pytest.approx(-0.01)  # a near-perfect image branch leaves nothing to gain
+
+
+@pytest.mark.slow
+def test_image_head_on_features_trains_the_branch_itself_and_keeps_its_best_epoch():
+    """05's fallback when 03 has not run: the branch's own head layers learn from pooled features."""
+    import keras
+
+    branch = tiny_branch(n_classes=3, seed=1)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    feats = rng.normal(size=(120, 8)).astype("float32")
+    feats[np.arange(120), y] += 3.0  # class k lifts feature k: learnable by the head
+    va = rng.permutation(120)[:30]
+    tr = np.setdiff1d(np.arange(120), va)
+    before = branch.get_layer("class_probs").get_weights()[0].copy()
+    info = hybrid.fit_image_head_on_features(branch, feats[tr], y[tr], feats[va], y[va], epochs=30, seed=2, patience=4)
+    assert set(info) == {"epochs_run", "best_epoch"}  # stable keys only: they key 05's embedding cache
+    assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 30
+    assert not np.array_equal(branch.get_layer("class_probs").get_weights()[0], before)
+    head_in = keras.Input((8,))
+    x = head_in
+    for name in ("head_dropout_1", "image_embedding", "head_dropout_2", "class_probs"):
+        x = branch.get_layer(name)(x)
+    acc = (np.argmax(keras.Model(head_in, x)(feats[va], training=False).numpy(), axis=1) == y[va]).mean()
+    assert acc > 0.8, f"the branch's head did not learn the features (validation accuracy {acc:.2f})"
+    again = tiny_branch(n_classes=3, seed=1)
+    assert hybrid.fit_image_head_on_features(again, feats[tr], y[tr], feats[va], y[va], epochs=30, seed=2,
+                                             patience=4) == info  # seeded: a rerun stops at the same epochs
+    no_val = hybrid.fit_image_head_on_features(tiny_branch(n_classes=3, seed=1), feats[tr], y[tr], epochs=3, seed=2)
+    assert no_val == {"epochs_run": 3, "best_epoch": 3}

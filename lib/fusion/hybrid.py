@@ -272,11 +272,13 @@ def fit_image_head_on_features(image_branch, features, labels, val_features=None
 
     The fallback when notebook 03's trained branch is absent: a frozen backbone + a trained head.  The
     layers trained are the image branch's own objects, so ``image_branch`` holds the result.
-    Returns ``{"epochs_run", "best_epoch"}``.
+    Trained through :func:`lib.image.image_model.fit_history`, the image branch's one fit.  Returns
+    ``{"epochs_run", "best_epoch"}`` only: they key the embedding cache and go into 05's metrics, which
+    must be byte-identical on a rerun (the history's ``fit_seconds`` is not).
     """
     import keras
 
-    from lib.image.image_model import class_weights
+    from lib.image.image_model import class_weights, fit_history
 
     keras.utils.set_random_seed(seed)
     feats = np.asarray(features, "float32")
@@ -289,18 +291,15 @@ def fit_image_head_on_features(image_branch, features, labels, val_features=None
                  metrics=["accuracy"])
     n_classes = int(x.shape[-1])
     y = np.asarray(labels, "int32")
-    kw = dict(epochs=int(epochs), batch_size=batch_size, verbose=0, shuffle=True,
-              class_weight=class_weights(y, n_classes))
-    if val_features is not None:
+    kw = dict(y=y, batch_size=batch_size, shuffle=True, class_weight=class_weights(y, n_classes))
+    if val_features is None:
+        hist = fit_history(head, feats, int(epochs), log=False, **kw)
+    else:
         stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience,
                                              restore_best_weights=True)
-        hist = head.fit(feats, y, validation_data=(np.asarray(val_features, "float32"), np.asarray(val_labels, "int32")),
-                        callbacks=[stop], **kw)
-        best = int(stop.best_epoch) + 1
-    else:
-        hist = head.fit(feats, y, **kw)
-        best = len(hist.history["loss"])
-    return {"epochs_run": len(hist.history["loss"]), "best_epoch": best}
+        val = (np.asarray(val_features, "float32"), np.asarray(val_labels, "int32"))
+        hist = fit_history(head, feats, int(epochs), [stop], log=False, validation_data=val, **kw)
+    return {"epochs_run": hist["epochs_run"], "best_epoch": hist["best_epoch"]}
 
 
 def default_train_draws(n_train_images: int, n_train_records: int, cap: int = 5) -> int:
