@@ -74,6 +74,10 @@ VARIANTS = {
         ({**LP, "lr": 1e-4, "unfreeze_from": "block4a", "patience": 5, "epochs": 20}, 3, "ft"),
     "LP-FT (lr 1e-4, from block 4a, patience 5)":
         ({**LP, "lr": 1e-4, "unfreeze_from": "block4a", "patience": 5}, 3, "ft"),
+    "LP-FT (lr 1e-4, from block 3a, patience 5)":
+        ({**LP, "lr": 1e-4, "unfreeze_from": "block3a", "patience": 5}, 3, "ft"),
+    "LP-FT (lr 1e-4, from block 2a, patience 5)":
+        ({**LP, "lr": 1e-4, "unfreeze_from": "block2a", "patience": 5}, 3, "ft"),
     "LP-FT (lr 1e-4, from block 4a, 6 views, patience 5, 20 epochs)":
         ({**LP, "lr": 1e-4, "unfreeze_from": "block4a", "patience": 5, "epochs": 20}, 6, "ft"),
 }

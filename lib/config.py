@@ -101,7 +101,7 @@ PROFILES: dict[str, dict] = {
         epochs=2,
         augmented_views=6,         # regularized recipe: augmented views per training image (lib.image.cached_finetune);
                                    # 6 chosen on LBC's grouped validation split (benchmarks/bench_finetune_lbc.py)
-        fine_tune="auto",          # notebook 03: "top" (blocks 6c-7a), "deep" (4a-7a) or "auto" (deep for small crops)
+        fine_tune="auto",          # notebook 03: "top" (blocks 6c-7a), "deep" (3a-7a) or "auto" (deep for small crops)
         naive_epochs=8,            # the naive recipe needs a few epochs to overfit visibly
         naive_train_images=None,
         batch_size=16,
