@@ -31,6 +31,13 @@ and file stems, so the same groups), under <cache>/proxies/, and runs the ablati
     .venv/bin/python benchmarks/bench_finetune_lbc.py --data-source synthetic --dataset none --small-crops 40 \
         --probe-size --out screen_syn40
 
+Few images (``--keep-groups F``): a seeded fraction F of each class's groups (the kit's grouping), all their images,
+copied under <cache>/proxies/.  A real small-crop set may have a few hundred images per split, where a deep fine-tune
+can overfit or stop early:
+
+    .venv/bin/python benchmarks/bench_finetune_lbc.py --small-crops 40 --centre 0.5 --keep-groups 0.4 --probe-size \
+        --out screen_lbc40_small --only "LP-FT (lr 1e-4, from block 3a, patience 5)"
+
 Default data source: <data root>/lbc/Resampled-pap-smear-images ($CERVICAL_KIT_DATA).  The run's split is
 written under build/benchmarks/<results name>_run/ (its own build folder, never a notebook run's).  Target: the
 chosen fine-tuned row matches or beats the probe on test macro-F1 and abnormal AUC.
@@ -129,14 +136,14 @@ def group_subset(table, source: Path, fraction: float, seed: int) -> Path:
     """A smaller copy of ``source``: a seeded ``fraction`` of each class's groups (``table['group']``, the kit's
     own grouping), all their images, same relative paths.  Why: the held-out set is small (hundreds of images per
     split, not thousands); a recipe that wins with 1600 training images may overfit with a few hundred.
-    Written once beside ``source`` (atomically), never into it."""
+    Written once under ``<cache>/proxies/`` (atomically), never into or beside ``source``."""
     import shutil
 
     import numpy as np
 
     if not 0 < fraction < 1:
         raise ValueError(f"--keep-groups: expected a fraction in (0, 1), got {fraction!r}")
-    out = source.with_name(f"{source.name}_g{round(fraction * 100)}_s{seed}")
+    out = config.cache_dir() / "proxies" / f"{source.name}_g{round(fraction * 100)}_s{seed}"
     if out.is_dir():
         return out
     rng = np.random.default_rng(seed)
