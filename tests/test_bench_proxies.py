@@ -1,0 +1,70 @@
+"""The benchmark's harder stand-ins (benchmarks/bench_finetune_lbc.py): small crops and few groups, written to the
+cache, never into or beside the data they come from."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_finetune_lbc", ROOT / "benchmarks" / "bench_finetune_lbc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _folder(tmp_path) -> tuple[Path, pd.DataFrame]:
+    src = tmp_path / "data" / "cells"
+    rows = []
+    rng = np.random.default_rng(0)
+    for label in ("A", "B"):
+        (src / label).mkdir(parents=True)
+        for g in range(10):
+            for k in range(2):  # two images per group, as LBC's augmented copies
+                f = src / label / f"{label}{g}_{k}.png"
+                Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(f)
+                rows.append({"path": str(f), "label": label, "group": f"{label}{g}"})
+    return src, pd.DataFrame(rows)
+
+
+def test_group_subset_keeps_whole_groups_per_class_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CERVICAL_KIT_CACHE", str(tmp_path / "cache"))
+    bench = _bench()
+    src, table = _folder(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
+    out = bench.group_subset(table, src, 0.4, seed=1)
+    assert out.parent == tmp_path / "cache" / "proxies" and out.is_dir()
+    kept = sorted(out.rglob("*.png"))
+    stems = {(p.parent.name, p.stem.rsplit("_", 1)[0]) for p in kept}
+    assert len(kept) == 2 * len(stems)  # every kept group is whole
+    assert sorted(lab for lab, _ in stems) == ["A"] * 4 + ["B"] * 4  # 40 % of each class's 10 groups
+    f = kept[0]
+    assert f.read_bytes() == (src / f.relative_to(out)).read_bytes()
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before  # source untouched
+    assert bench.group_subset(table, src, 0.4, seed=1) == out  # written once
+
+
+def test_group_subset_refuses_a_fraction_outside_0_1(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("CERVICAL_KIT_CACHE", str(tmp_path / "cache"))
+    src, table = _folder(tmp_path)
+    with pytest.raises(ValueError, match="--keep-groups"):
+        _bench().group_subset(table, src, 1.5, seed=1)
+
+
+def test_small_crop_proxy_cuts_the_centre_to_px_and_keeps_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("CERVICAL_KIT_CACHE", str(tmp_path / "cache"))
+    src, _ = _folder(tmp_path)
+    out = _bench().small_crop_proxy(src, 40, 0.5)
+    assert out.parent == tmp_path / "cache" / "proxies"
+    made = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert made == sorted(p.relative_to(src) for p in src.rglob("*.png"))
+    with Image.open(out / made[0]) as im:
+        assert im.size == (40, 40)
