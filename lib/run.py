@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ ARTIFACTS = {
 DATASET_KEYS = ("data_source", "dataset", "abnormal_classes", "group_pattern", "seed", "images_per_class")
 
 _TIMING = re.compile(r"(seconds|_per_s)$")
+DESCRIBE_WIDTH = 100  # columns of Run.describe(): what a report page shows without scrolling
 
 
 def _strict(obj, timings: dict, path: str = ""):
@@ -384,6 +386,7 @@ class Run:
         return plots.save_figure(fig, name, synthetic=self.synthetic, figures_dir=self.path("figures"))
 
     def describe(self) -> str:
+        """What the run reads: dataset, classes, grouping, split sizes; lines wrapped at DESCRIBE_WIDTH."""
         d = self.dataset
         lines = [f"dataset: {d.name}" + ("  [SYNTHETIC]" if d.synthetic else ""),
                  f"classes: {d.classes}; abnormal (positive for the risk view): {d.abnormal_classes or 'none'}",
@@ -394,4 +397,6 @@ class Run:
                          "re-splits by group")
         lines.append(f"split: {self.root.name}/{ARTIFACTS['split']} " + json.dumps(
             self.table["split"].value_counts().reindex(list(splits.SPLITS)).fillna(0).astype(int).to_dict()))
-        return "\n".join(lines)
+        # wrapped: a notebook's output scrolls sideways on the report's page past about 100 columns
+        return "\n".join(textwrap.fill(line, width=DESCRIBE_WIDTH, subsequent_indent="  ", break_long_words=False,
+                                        break_on_hyphens=False) for line in lines)

@@ -52,6 +52,23 @@ def test_auto_image_size_and_depth_are_resolved_from_the_run_images(tmp_path):
     assert fixed.params["fine_tune"] == "top" and fixed.params["fine_tune_reason"] is None
 
 
+def test_describe_fits_a_report_page_and_loses_no_word(tmp_path):
+    """Run.describe() is printed by four notebooks: no line may scroll sideways on the report's page."""
+    from lib.run import DESCRIBE_WIDTH
+
+    root = tmp_path / "ds"
+    classes = [f"a_long_class_name_number_{i}" for i in range(6)]
+    for cls in classes:
+        for src in range(6):
+            write_image(root / cls / f"{cls}_1 ({src})_0_0.jpg", value=src)
+    run = Run.open("smoke", data_source=str(root), abnormal_classes=classes[:3], build=tmp_path / "b",
+                   images_per_class=None, group_pattern=r"^(?P<group>.+?)_\d+_\d+$")
+    text = run.describe()
+    assert max(len(line) for line in text.splitlines()) <= DESCRIBE_WIDTH
+    assert len(text.splitlines()) > 4  # the class list did not fit on one line: it was wrapped, not cut
+    assert f"classes: {classes};" in " ".join(text.split())  # rejoined at the breaks: the same words
+
+
 def test_contradicting_parameter_is_refused_and_nothing_overwritten(tmp_path):
     root = _copies_dataset(tmp_path / "ds")
     run = _open(root, tmp_path / "b")
