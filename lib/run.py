@@ -58,7 +58,14 @@ ARTIFACTS = {
 DATASET_KEYS = ("data_source", "dataset", "abnormal_classes", "group_pattern", "seed", "images_per_class")
 
 _TIMING = re.compile(r"(seconds|_per_s)$")
-DESCRIBE_WIDTH = 100  # columns of Run.describe(): what a report page shows without scrolling
+PAGE_WIDTH = 100  # columns a report page shows of a printed line without scrolling sideways
+
+
+def wrap(text: str) -> str:
+    """``text`` wrapped at :data:`PAGE_WIDTH` columns, continuation lines indented, words never split: for lines
+    a notebook prints (:meth:`Run.describe`, the reasons of the "auto" knobs)."""
+    return textwrap.fill(text, width=PAGE_WIDTH, subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def _strict(obj, timings: dict, path: str = ""):
@@ -386,7 +393,7 @@ class Run:
         return plots.save_figure(fig, name, synthetic=self.synthetic, figures_dir=self.path("figures"))
 
     def describe(self) -> str:
-        """What the run reads: dataset, classes, grouping, split sizes; lines wrapped at DESCRIBE_WIDTH."""
+        """What the run reads: dataset, classes, grouping, split sizes; lines wrapped for the page (:func:`wrap`)."""
         d = self.dataset
         lines = [f"dataset: {d.name}" + ("  [SYNTHETIC]" if d.synthetic else ""),
                  f"classes: {d.classes}; abnormal (positive for the risk view): {d.abnormal_classes or 'none'}",
@@ -397,6 +404,4 @@ class Run:
                          "re-splits by group")
         lines.append(f"split: {self.root.name}/{ARTIFACTS['split']} " + json.dumps(
             self.table["split"].value_counts().reindex(list(splits.SPLITS)).fillna(0).astype(int).to_dict()))
-        # wrapped: a notebook's output scrolls sideways on the report's page past about 100 columns
-        return "\n".join(textwrap.fill(line, width=DESCRIBE_WIDTH, subsequent_indent="  ", break_long_words=False,
-                                        break_on_hyphens=False) for line in lines)
+        return "\n".join(wrap(line) for line in lines)

@@ -54,7 +54,7 @@ def test_auto_image_size_and_depth_are_resolved_from_the_run_images(tmp_path):
 
 def test_describe_fits_a_report_page_and_loses_no_word(tmp_path):
     """Run.describe() is printed by four notebooks: no line may scroll sideways on the report's page."""
-    from lib.run import DESCRIBE_WIDTH
+    from lib.run import PAGE_WIDTH
 
     root = tmp_path / "ds"
     classes = [f"a_long_class_name_number_{i}" for i in range(6)]
@@ -64,7 +64,7 @@ def test_describe_fits_a_report_page_and_loses_no_word(tmp_path):
     run = Run.open("smoke", data_source=str(root), abnormal_classes=classes[:3], build=tmp_path / "b",
                    images_per_class=None, group_pattern=r"^(?P<group>.+?)_\d+_\d+$")
     text = run.describe()
-    assert max(len(line) for line in text.splitlines()) <= DESCRIBE_WIDTH
+    assert max(len(line) for line in text.splitlines()) <= PAGE_WIDTH
     assert len(text.splitlines()) > 4  # the class list did not fit on one line: it was wrapped, not cut
     assert f"classes: {classes};" in " ".join(text.split())  # rejoined at the breaks: the same words
 
