@@ -165,3 +165,27 @@ def test_mask_border_paints_the_frame_without_zooming():
     res = sc.border_crop_scores(frame_detector, table, ["normal", "abnormal"], ["abnormal"], 40, keeps=(0.8,),
                                 n_boot=20, images=lambda k: sc.mask_border(xb, k))
     assert res["0.8"]["abnormal_auc"] == 0.5
+
+
+def test_scored_once_reuses_the_plain_test_views_of_the_flip_choice():
+    """03's pattern: the flip choice scores the plain test images, the border check scores them again."""
+    from lib.image import tta
+
+    x, table = _border_world()
+    classes, abnormal = ["normal", "abnormal"], ["abnormal"]
+    calls = []
+
+    def counting(imgs):
+        calls.append(id(imgs))
+        return frame_detector(imgs)
+
+    once = sc.scored_once(counting)
+    tta.choose_and_score(once, x.copy(), table, x, table, classes, abnormal, n_boot=20)
+    assert len(calls) == 8  # four views of validation, four of test
+    crops = {1.0: x, 0.7: sc.crop_border(x, 0.7)}
+    res = sc.border_crop_scores(once, table, classes, abnormal, 40, keeps=(1.0, 0.7), n_boot=20, images=crops.get)
+    assert len(calls) == 9  # the uncropped row was the plain test view already scored: only the 0.7 crop is new
+    assert res == sc.border_crop_scores(frame_detector, table, classes, abnormal, 40, keeps=(1.0, 0.7), n_boot=20,
+                                        images=crops.get)  # same numbers as without the wrapper
+    once(x.copy())  # equal pixels, another array: scored again
+    assert len(calls) == 10

@@ -121,6 +121,29 @@ def probe_predictor(feature_model, classifier, n_classes: int, batch_size: int =
     return predict
 
 
+def scored_once(predict):
+    """``predict``, run once per image array: a second call with the same array object (not merely equal
+    pixels) returns the first call's probabilities.  Why: notebook 03 scores the plain test images for
+    the flip choice and again as the uncropped row of the border check; at 224 px that repeat costs ~30 s
+    of the full profile.  The arrays must not be changed in place between calls (03 never does)."""
+    import weakref
+
+    seen = {}  # id(array) -> (weak reference to it, probabilities); the reference rules out a recycled id
+
+    def predict_once(x):
+        hit = seen.get(id(x))
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        out = predict(x)
+        try:
+            seen[id(x)] = (weakref.ref(x), out)
+        except TypeError:  # lists and other inputs without weak references: not remembered
+            pass
+        return out
+
+    return predict_once
+
+
 def border_crop_scores(predict, table, classes, abnormal_classes, image_size: int, keeps=DEFAULT_KEEPS,
                        n_boot: int = 200, seed: int = 42, group_word: str = "groups", images=None) -> dict:
     """Scores of ``predict`` (images -> class probabilities) on the rows of ``table`` with their borders
