@@ -128,8 +128,9 @@ PROFILES: dict[str, dict] = {
                                    # 5.6 GB (3 views: 656 s, 4.2 GB): the full profile's time and memory budget decides
         fine_tune="auto",
         naive_epochs=6,
-        naive_train_images=250,    # full fine-tuning runs ~7 img/s at 224 px on 2 cores: a stratified subset keeps 02 in budget
-                                   # (500 took 480 s of 02's 523 s; fewer images only make the overfitting plainer)
+        naive_train_images=200,    # full fine-tuning runs ~6-7 img/s at 224 px on 2 cores: a stratified subset keeps 02 in budget
+                                   # (500 took 480 s of 02's 523 s, 250 238 s of 294 s; fewer images only make the
+                                   # overfitting plainer)
         batch_size=32,
         backbone="efficientnet_lite0",
         weights="imagenet",

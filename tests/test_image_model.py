@@ -29,7 +29,7 @@ def test_naive_settings_come_from_the_profile():
     """The naive recipe's epochs and subset are profile knobs of lib.config, overridable like any other."""
     assert {k: config.run_params("smoke")[k] for k in ("naive_epochs", "naive_train_images")} == {
         "naive_epochs": 8, "naive_train_images": None}
-    assert config.run_params("full")["naive_train_images"] == 250
+    assert config.run_params("full")["naive_train_images"] == 200
     assert config.run_params("full", naive_epochs=3)["naive_epochs"] == 3
 
 
