@@ -48,7 +48,7 @@ check-report: venv
 	$(PY) -m lib.report.browser_check --site _site --screenshots build/screenshots
 
 unit: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 nbval: venv
 	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider build/smoke/notebooks/*.ipynb
