@@ -33,6 +33,30 @@ def test_naive_settings_come_from_the_profile():
     assert config.run_params("full", naive_epochs=3)["naive_epochs"] == 3
 
 
+def _accs(train_inf, train_bat, val_inf):
+    return {"train, inference mode": train_inf, "train, training mode": train_bat,
+            "validation, inference mode": val_inf, "validation, training mode": val_inf}
+
+
+@pytest.mark.parametrize("accs, mechanism", [
+    (_accs(0.96, 0.98, 0.60), "memorisation"),
+    (_accs(0.55, 0.97, 0.30), "batchnorm_collapse"),
+    (_accs(0.845, 0.980, 0.655), "mixed"),  # the full profile's naive run on the stand-in (200 images)
+    (_accs(0.800, 0.988, 0.529), "mixed"),  # smoke: a drop of 0.188, but 0.271 memorised is the larger part
+    (_accs(0.50, 0.60, 0.45), "underfit"),
+])
+def test_gap_mechanism_names_what_was_measured(accs, mechanism):
+    mech, verdict = im.gap_mechanism(accs)
+    assert mech == mechanism
+    if mechanism != "underfit":  # both measured parts are printed, and they add up to the gap
+        bn = accs["train, training mode"] - accs["train, inference mode"]
+        mem = accs["train, inference mode"] - accs["validation, inference mode"]
+        assert f"{bn:.3f} from batch statistics" in verdict and f"{mem:.3f} memorised" in verdict
+        assert f"gap of {bn + mem:.3f}" in verdict
+    if mechanism == "mixed":  # it fits with batch statistics: the verdict must not say it does not fit
+        assert "does not fit" not in verdict and verdict.startswith("both")
+
+
 @pytest.fixture(scope="module")
 def classifier():
     return im.build_image_classifier(4, "efficientnet_lite0", SIZE, weights=None, seed=1)

@@ -375,6 +375,44 @@ def curve_summary(history: dict, val_labels=None) -> dict:
     return out
 
 
+#: accuracy on its own training images (inference mode) from which a network has memorised them; and the
+#: drop from training to inference mode on those images that counts as BatchNorm collapse
+MEMORISED, COLLAPSE_DROP = 0.9, 0.15
+
+
+def gap_mechanism(accs: dict) -> tuple[str, str]:
+    """``(mechanism, verdict)`` from :func:`batchnorm_diagnosis`'s four accuracies.
+
+    The fit-time gap (training images in training mode vs validation in inference mode) splits into two
+    measured parts: batch statistics (the same training images, training vs inference mode) and what the
+    network memorised (training vs validation images, both in inference mode).  ``"memorisation"``: the
+    training images fit in inference mode too; ``"batchnorm_collapse"``: they fall by
+    :data:`COLLAPSE_DROP` or more without batch statistics, and that drop is the larger part;
+    ``"mixed"``: they fit only with batch statistics and memorisation is at least as large a part;
+    ``"underfit"``: they fit in neither mode.  The verdict always prints both parts.
+    """
+    tr_inf, tr_bat = accs["train, inference mode"], accs["train, training mode"]
+    val_inf = accs["validation, inference mode"]
+    parts = (f"the gap of {tr_bat - val_inf:.3f} between training images with batch statistics and validation "
+             f"images splits into {tr_bat - tr_inf:.3f} from batch statistics (training images, training vs "
+             f"inference mode) and {tr_inf - val_inf:.3f} memorised (training vs validation images, inference mode)")
+    if tr_bat < MEMORISED and tr_inf < MEMORISED:
+        return "underfit", (f"neither: the network does not fit its own training images in inference mode "
+                            f"({tr_inf:.3f}) nor with batch statistics ({tr_bat:.3f}); it has not trained long "
+                            "enough to memorise")
+    if tr_inf >= MEMORISED:
+        return "memorisation", (f"memorisation: the trained network classifies its own training images correctly "
+                                f"in inference mode too ({tr_inf:.3f}), while validation images reach {val_inf:.3f}; "
+                                + parts)
+    if tr_bat - tr_inf >= COLLAPSE_DROP and tr_bat - tr_inf > tr_inf - val_inf:
+        return "batchnorm_collapse", (f"BatchNorm collapse: with batch statistics the training images score "
+                                      f"{tr_bat:.3f}, with the moving statistics only {tr_inf:.3f}; the moving "
+                                      "averages no longer match what the layers see, so part of the train/validation "
+                                      "gap is an artefact of small-batch statistics; " + parts)
+    return "mixed", (f"both: with batch statistics the training images score {tr_bat:.3f}, in inference mode "
+                     f"{tr_inf:.3f}, and validation images {val_inf:.3f}; " + parts)
+
+
 def batchnorm_diagnosis(model, train_table, val_table, image_size: int, batch_size: int = 32) -> dict:
     """Tell memorisation from BatchNorm collapse by measurement.
 
@@ -400,20 +438,7 @@ def batchnorm_diagnosis(model, train_table, val_table, image_size: int, batch_si
                 "validation, training mode": acc(val_table, True)}
     finally:
         model.set_weights(saved)
-    tr_inf, tr_bat = accs["train, inference mode"], accs["train, training mode"]
-    if tr_inf >= 0.9:
-        mech = "memorisation"
-        verdict = (f"memorisation: the trained network classifies its own training images correctly in inference "
-                   f"mode too ({tr_inf:.3f}), while validation images reach {accs['validation, inference mode']:.3f}")
-    elif tr_bat - tr_inf >= 0.15:
-        mech = "batchnorm_collapse"
-        verdict = (f"BatchNorm collapse: with batch statistics the training images score {tr_bat:.3f}, with the "
-                   f"moving statistics only {tr_inf:.3f}; the moving averages no longer match what the layers "
-                   "see, so part of the train/validation gap is an artefact of small-batch statistics")
-    else:
-        mech = "underfit"
-        verdict = (f"neither: the network does not fit its own training images in inference mode ({tr_inf:.3f}) "
-                   f"nor with batch statistics ({tr_bat:.3f}); it has not trained long enough to memorise")
+    mech, verdict = gap_mechanism(accs)
     return {"accuracies": accs, "mechanism": mech, "verdict": verdict, "n_train": int(len(train_table)),
             "n_val": int(len(val_table))}
 

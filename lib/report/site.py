@@ -156,6 +156,7 @@ LESSONS = {
         ("what the gap is made of, measured", lambda m, h: {
             "memorisation": "memorisation (training images fit in inference mode too)",
             "batchnorm_collapse": "BatchNorm collapse (training images score far lower in inference mode)",
+            "mixed": "both: training images fit only with batch statistics, yet beat validation in inference mode",
             "underfit": "neither: the network did not fit its training images"}[h["mechanism"]]
          + f"; training images in inference mode {_fmt(h['train_acc_inference_mode'])}"),
     ],
