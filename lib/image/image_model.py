@@ -383,8 +383,8 @@ MEMORISED, COLLAPSE_DROP = 0.9, 0.15
 def gap_mechanism(accs: dict) -> tuple[str, str]:
     """``(mechanism, verdict)`` from :func:`batchnorm_diagnosis`'s four accuracies.
 
-    The fit-time gap (training images in training mode vs validation in inference mode) splits into two
-    measured parts: batch statistics (the same training images, training vs inference mode) and what the
+    The measured gap (training images in training mode vs validation in inference mode, both scored after
+    training; not 02's curve gap of peak training vs best validation) splits into two parts: batch statistics (the same training images, training vs inference mode) and what the
     network memorised (training vs validation images, both in inference mode).  ``"memorisation"``: the
     training images fit in inference mode too; ``"batchnorm_collapse"``: they fall by
     :data:`COLLAPSE_DROP` or more without batch statistics, and that drop is the larger part;
