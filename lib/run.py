@@ -381,10 +381,30 @@ class Run:
             write_json(self.path("timings") / f"{notebook}.json", timings)
         return out
 
-    def metrics(self, notebook: str) -> dict | None:
-        """A notebook's saved metrics record, or None when it has not run in this run."""
+    def metrics(self, notebook: str, needs=()) -> dict | None:
+        """A notebook's saved metrics record, or None when it has not run in this run.
+
+        ``needs`` names the entries the reader uses (dotted for nested ones, e.g. ``"batchnorm.accuracies"``):
+        a record written by an older version of the kit that lacks one is an error that says which
+        notebook to rerun, instead of a bare ``KeyError`` several cells later."""
         p = self.path("metrics") / f"{notebook}.json"
-        return read_json(p) if p.exists() else None
+        if not p.exists():
+            return None
+        record = read_json(p)
+        missing = []
+        for key in needs:
+            node = record
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(key)
+                    break
+                node = node[part]
+        if missing:
+            raise ValueError(
+                f"{self.relpath(p)} lacks {missing}: it was written by an older version of notebook {notebook}. "
+                f"Rerun it with this kit: python -m lib.report.pipeline --profile {self.profile} --only {notebook} "
+                f"(with ${config.ENV_BUILD} set to this run's build folder if it is not build/), then this notebook again")
+        return record
 
     def save_figure(self, fig, name: str):
         """Save a figure under the run's ``figures/``, stamped SYNTHETIC when the run is."""

@@ -119,6 +119,19 @@ def test_save_metrics_is_strict_json_without_timings(tmp_path):
     assert out.read_text() == text
 
 
+def test_metrics_written_by_an_older_notebook_say_which_to_rerun(tmp_path):
+    """03 reads 02's record: one written before 02 saved its training images names the notebook to rerun."""
+    run = _open(_copies_dataset(tmp_path / "ds"), tmp_path / "b")
+    assert run.metrics("02_overfitting_baseline") is None  # not run: the reader says so itself
+    run.save_metrics("02_overfitting_baseline", headline={"gap": 0.2}, batchnorm={"accuracies": {"train": 0.9}})
+    record = run.metrics("02_overfitting_baseline", needs=("headline.gap", "batchnorm.accuracies"))
+    assert record["batchnorm"]["accuracies"] == {"train": 0.9}
+    with pytest.raises(ValueError, match=r"lacks \['train_paths', 'batchnorm.mode'\].*older version of notebook "
+                                         r"02_overfitting_baseline.*--only 02_overfitting_baseline") as err:
+        run.metrics("02_overfitting_baseline", needs=("train_paths", "batchnorm.accuracies", "batchnorm.mode"))
+    assert "metrics/02_overfitting_baseline.json" in str(err.value) and str(tmp_path) not in str(err.value)
+
+
 def test_paths_are_named_in_one_place(tmp_path):
     run = _open(_copies_dataset(tmp_path / "ds"), tmp_path / "b")
     assert run.path("image_branch") == run.root / "models" / "image_branch.keras"
