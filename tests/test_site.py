@@ -334,6 +334,21 @@ def test_stage_marks_synthetic_notebooks_and_curates_the_headline(tmp_path, monk
     assert "| 06_gradcam |" not in head  # no curated key recorded: no row
 
 
+@pytest.mark.parametrize("mechanism", ["memorisation", "batchnorm_collapse", "both", "underfit"])
+def test_index_names_02s_mechanism_in_the_words_02_prints(tmp_path, monkeypatch, mechanism):
+    """The index row says what 02 measured, in image_model.MECHANISMS' words (the ones 02's conclusion uses)."""
+    from lib.image.image_model import MECHANISMS
+
+    monkeypatch.setenv(config.ENV_BUILD, str(tmp_path / "build"))
+    write_json(config.metrics_dir("smoke") / "02_overfitting_baseline.json", {"synthetic": True, "headline": {
+        "peak_train_acc": 0.98, "best_val_acc": 0.6, "mechanism": mechanism, "train_acc_inference_mode": 0.845}})
+    md = site.headline_markdown("smoke")
+    assert f"| {MECHANISMS[mechanism]}; training images in inference mode 0.845 |" in md
+    write_json(config.metrics_dir("smoke") / "02_overfitting_baseline.json", {"synthetic": True, "headline": {
+        "peak_train_acc": 0.98, "best_val_acc": 0.6, "mechanism": "mixed", "train_acc_inference_mode": 0.845}})
+    assert "what the gap is made of" not in site.headline_markdown("smoke")  # an unknown name: no row, no guess
+
+
 def test_folded_answers_render_in_the_fallback(tmp_path, monkeypatch):
     """Worked answers written as a Quarto callout with collapse="true" (or raw <details>) stay folded on the page."""
     md = ("## Exercises\n\n1. Halve `epochs`: what happens to the gap?\n\n"

@@ -378,17 +378,28 @@ def curve_summary(history: dict, val_labels=None) -> dict:
 #: accuracy on its own training images (inference mode) from which a network has memorised them; and the
 #: drop from training to inference mode on those images that counts as BatchNorm collapse
 MEMORISED, COLLAPSE_DROP = 0.9, 0.15
+# What each mechanism of :func:`gap_mechanism` means, in the words 02's conclusion and the report's index
+# table print (one place: they are read from here, with the key 02 saves in its metrics record)
+MECHANISMS = {
+    "memorisation": "memorisation: the network fits its training images in inference mode too",
+    "batchnorm_collapse": "BatchNorm collapse: in inference mode the training images score far lower, so much of "
+                          "the gap is small-batch statistics, not memorisation",
+    "both": "both: the training images fit only with batch statistics, yet in inference mode they still score "
+            "above validation",
+    "underfit": "neither: the network does not fit its own training images in inference mode",
+}
 
 
 def gap_mechanism(accs: dict) -> tuple[str, str]:
-    """``(mechanism, verdict)`` from :func:`batchnorm_diagnosis`'s four accuracies.
+    """``(mechanism, verdict)`` from :func:`batchnorm_diagnosis`'s four accuracies; :data:`MECHANISMS` says
+    what each mechanism means in one line, and each verdict starts with that line's first words.
 
     The measured gap (training images in training mode vs validation in inference mode, both scored after
     training; not 02's curve gap of peak training vs best validation) splits into two parts: batch statistics (the same training images, training vs inference mode) and what the
     network memorised (training vs validation images, both in inference mode).  ``"memorisation"``: the
     training images fit in inference mode too; ``"batchnorm_collapse"``: they fall by
     :data:`COLLAPSE_DROP` or more without batch statistics, and that drop is the larger part;
-    ``"mixed"``: they fit only with batch statistics and memorisation is at least as large a part;
+    ``"both"``: they fit only with batch statistics and memorisation is at least as large a part;
     ``"underfit"``: they fit in neither mode.  The verdict always prints both parts.
     """
     tr_inf, tr_bat = accs["train, inference mode"], accs["train, training mode"]
@@ -409,7 +420,7 @@ def gap_mechanism(accs: dict) -> tuple[str, str]:
                                       f"{tr_bat:.3f}, with the moving statistics only {tr_inf:.3f}; the moving "
                                       "averages no longer match what the layers see, so part of the train/validation "
                                       "gap is an artefact of small-batch statistics; " + parts)
-    return "mixed", (f"both: with batch statistics the training images score {tr_bat:.3f}, in inference mode "
+    return "both", (f"both: with batch statistics the training images score {tr_bat:.3f}, in inference mode "
                      f"{tr_inf:.3f}, and validation images {val_inf:.3f}; " + parts)
 
 

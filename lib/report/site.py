@@ -35,6 +35,7 @@ from pathlib import Path
 
 from lib import config
 from lib.atomic import read_json, write_text
+from lib.image.image_model import MECHANISMS  # no TensorFlow import: the names 02 saves and their meaning
 
 STAGE = config.ROOT / "build" / "report"
 SITE = config.ROOT / "_site"
@@ -153,11 +154,7 @@ LESSONS = {
     "02_overfitting_baseline": [
         ("fine-tuning everything fits the training images, not new ones",
          lambda m, h: f"peak training accuracy {_fmt(h['peak_train_acc'])} vs best validation {_fmt(h['best_val_acc'])}"),
-        ("what the gap is made of, measured", lambda m, h: {
-            "memorisation": "memorisation (training images fit in inference mode too)",
-            "batchnorm_collapse": "BatchNorm collapse (training images score far lower in inference mode)",
-            "mixed": "both: training images fit only with batch statistics, yet beat validation in inference mode",
-            "underfit": "neither: the network did not fit its training images"}[h["mechanism"]]
+        ("what the gap is made of, measured", lambda m, h: MECHANISMS[h["mechanism"]]
          + f"; training images in inference mode {_fmt(h['train_acc_inference_mode'])}"),
     ],
     "03_image_branch": [
