@@ -80,6 +80,7 @@ app: venv
 # Speed and memory targets, measured against baselines in the same run (JSON + PNG in build/benchmarks/).
 bench: venv
 	$(PY) benchmarks/bench_image_branch.py features
+	$(PY) benchmarks/bench_finetune_memory.py
 	$(PY) benchmarks/bench_report.py --profile smoke $(DATA_ARG)
 
 bench-full: venv

@@ -191,20 +191,21 @@ def _compile_stage(model, lr, n_classes: int, label_smoothing: float = 0.0, sche
                       metrics=["accuracy"], jit_compile=False)
 
 
-def pooled_features(model, acts: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def pooled_features(model, acts: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """``avg_pool`` features of cached cut activations ``(..., *cut_shape)`` through the model's own (still
     frozen-for-this-stage) top blocks, in inference mode; leading axes are kept.
 
-    Why batches of 32 (the recipe's batch): eager calls through the deep cut (block 3a, 32x32 activations
-    at 128 px) held about 17 MB per image in flight; batches of 256 took 03's kernel from 0.9 to 5.3 GB
-    during this stage alone, batches of 32 to 1.5 GB, at no cost in time (measured on 1,920 views)."""
+    Why :func:`lib.predict.predict` (one traced ``tf.function``): called eagerly, the deep cut (block 3a,
+    32x32 activations at 128 px) held about 17 MB per image in flight, and batches of 256 took 03's kernel
+    from 0.9 to 5.1 GB in this stage alone; as one traced graph the same batches peak at 1.3 GB and run
+    about 2x faster (``benchmarks/bench_finetune_memory.py``)."""
     import keras
+
+    from lib.predict import predict
 
     cut = split_model(model)[3]
     pool = keras.Model(model.get_layer(cut).input, model.get_layer("avg_pool").output, name="top_blocks_pooled")
-    flat = acts.reshape((-1,) + acts.shape[-3:])
-    out = np.concatenate([np.asarray(pool(flat[i:i + batch_size], training=False))
-                          for i in range(0, len(flat), batch_size)])
+    out = predict(pool, acts.reshape((-1,) + acts.shape[-3:]), batch_size=batch_size)  # one traced graph
     return out.reshape(acts.shape[:-3] + out.shape[1:])
 
 
@@ -226,8 +227,8 @@ def linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size: int, 
     model = recipe.model
     head = keras.Model(model.get_layer("avg_pool").output, model.output, name="head_only")
     t0 = time.perf_counter()
-    f_train = pooled_features(model, train_acts, batch_size)
-    f_val = pooled_features(model, val_acts, batch_size)
+    f_train = pooled_features(model, train_acts)
+    f_val = pooled_features(model, val_acts)
     n_classes = int(model.output.shape[-1])
     seq = _view_sequence_class()(f_train, y, batch_size, sw, seed + 1)
     _compile_stage(head, opts["linear_probe_lr"], n_classes, opts.get("label_smoothing", 0.0))
