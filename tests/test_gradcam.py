@@ -254,6 +254,44 @@ def test_two_input_model(two_input):
         gradcam.gradcam_tape(model, None, inputs={"image": img})
 
 
+def _residual_cnn():
+    """A flat CNN whose feature map ``mid`` is bypassed by a skip connection: it cannot be cut there."""
+    import keras
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inp)
+    mid = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="mid")(x)
+    x = keras.layers.Add(name="skip")([x, mid])
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    out = keras.layers.Dense(N_CLASSES, activation="softmax", name="class_probs")(x)
+    return keras.Model(inp, out, name="residual_cnn")
+
+
+@pytest.mark.slow
+def test_cut_at_the_feature_map_gives_the_whole_tapes_maps(trained, two_input, monkeypatch):
+    """The backbone below the feature map runs once without a tape; the maps equal those of a tape that
+    records the whole forward pass, for a classifier and for the two-input model; a model that cannot
+    be cut at the layer (a skip connection bypasses it) falls back to the whole tape."""
+    model, x, y = trained
+    rng = np.random.default_rng(0)
+    feed = {"image": rng.uniform(0, 255, (5, SIZE, SIZE, 3)).astype(np.float32),
+            "tabular": rng.normal(size=(5, 5)).astype(np.float32)}
+    cut = [gradcam.gradcam_tape(model, x[:20], target=y[:20], normalize=False),
+           gradcam.gradcam_tape(two_input, None, inputs=feed, normalize=False)]
+    assert gradcam._split_at_feature_map(model, model.get_layer("top_activation"), "image",
+                                         [model.outputs[0]]) is not None
+    residual = _residual_cnn()
+    assert gradcam._split_at_feature_map(residual, residual.get_layer("mid"), "image", [residual.outputs[0]]) is None
+    assert gradcam.gradcam_tape(residual, x[:3], layer_name="mid").shape == (3, SIZE, SIZE)
+    monkeypatch.setattr(gradcam, "_split_at_feature_map", lambda *a: None)  # record everything, as before
+    whole = [gradcam.gradcam_tape(model, x[:20], target=y[:20], normalize=False),
+             gradcam.gradcam_tape(two_input, None, inputs=feed, normalize=False)]
+    for a, b in zip(cut, whole):
+        assert a.shape == b.shape and np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+
+
 @pytest.mark.slow
 def test_missing_layer_gives_clear_error(trained):
     model, x, _ = trained
