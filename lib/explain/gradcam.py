@@ -55,7 +55,7 @@ NOISE_FLOOR = 1e-6
 scaled to [0, 1]: a map of float32 round-off (e.g. a fully randomised network whose activations vanish)
 is shown as blank instead of being min-max stretched into a pattern."""
 _EPS = 1e-7
-#: model -> {(layer, image input, outputs): (bottom, head, other inputs) or None}; entries go with their model
+#: model -> {feature-map layer: (bottom, head, other inputs) or None}; entries go with their model
 _SPLITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -248,7 +248,7 @@ def _split_at_feature_map(model, conv_layer, img_name: str, outputs):
     not a single tensor), and then Grad-CAM records the whole forward pass instead."""
     import keras
 
-    key = (conv_layer.name, img_name, tuple(id(t) for t in outputs))
+    key = conv_layer.name  # the image input and the outputs follow from the model itself
     per_model = _SPLITS.setdefault(model, {})
     if key in per_model:  # built once per model: the app explains every request with the same two models,
         return per_model[key]  # and lib.predict keeps the bottom's traced graph as long as the bottom lives
