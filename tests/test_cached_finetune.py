@@ -246,3 +246,24 @@ def test_each_fine_tune_depth_builds_the_recipe_it_names(depth):
     stop = next(c for c in r.callbacks if isinstance(c, keras.callbacks.EarlyStopping))
     assert stop.patience == opts.get("patience", 3) and f"patience {stop.patience}," in r.settings["early_stopping"]
     assert stop.restore_best_weights
+
+
+@pytest.mark.slow
+def test_fine_tuning_worse_than_its_head_only_start_hands_back_the_head_only_weights(three_class):
+    """A diverging fine-tune (Adam at lr 100) must not replace the head-only stage it started from."""
+    import keras
+
+    train_t, val_t = _halves(three_class)
+    keras.utils.set_random_seed(3)
+    r = im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights="imagenet", seed=3, train_labels=train_t.label_idx,
+                              linear_probe_epochs=5, lr=100.0)
+    h = cf.fit_top(r, train_t, val_t, SIZE, 4, epochs=2, views=2, log=False, progress=False)
+    lp_best = max(h["linear_probe"]["val_accuracy"])
+    assert lp_best == 1.0 and max(h["val_accuracy"]) < lp_best  # the colours are easy; lr 100 wrecks the top
+    assert h["kept_linear_probe"] is True
+    assert im.accuracy(r.model, val_t, SIZE, 4) == pytest.approx(lp_best)  # the model is the head-only stage again
+    keras.utils.set_random_seed(3)
+    sane = im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights="imagenet", seed=3,
+                                 train_labels=train_t.label_idx, linear_probe_epochs=5)
+    assert cf.fit_top(sane, train_t, val_t, SIZE, 4, epochs=2, views=2, log=False,
+                      progress=False)["kept_linear_probe"] is False

@@ -253,6 +253,11 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     Returns the same history dict as :func:`lib.image.image_model.train` plus ``views``, ``cut_layer``,
     ``cache_seconds`` (computing the views) and ``cache_mb``, and ``linear_probe`` (the head stage's
     history) when it ran; ``fit_seconds`` covers everything done here (not activations passed in).
+
+    When the head-only stage ran and no fine-tuning epoch reached its best validation accuracy, the
+    head-only weights are put back (``kept_linear_probe`` True).  Why: early stopping restores the best
+    *fine-tuning* epoch, which can be worse than where fine-tuning started; the start is a candidate too,
+    judged on the same validation split.
     """
     from lib.image.image_model import check_epochs, fit_history
 
@@ -279,9 +284,10 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     cw = recipe.class_weight
     sw = None if cw is None else np.asarray([cw[int(c)] for c in y], np.float32)
     opts = recipe.settings
-    lp = None
+    lp = lp_weights = None
     if int(opts.get("linear_probe_epochs") or 0) > 0:
         lp = linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size, sw, seed, log=False)
+        lp_weights = top.get_weights()  # the head-only result: fine-tuning must beat it on validation to replace it
         if log:
             print(f"linear probe (head only, frozen features): best validation accuracy "
                   f"{max(lp['val_accuracy']):.3f} at epoch {lp['best_epoch']} of {lp['epochs_run']}")
@@ -295,4 +301,10 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
                 cache_mb=round((train_acts.nbytes + val_acts.nbytes) / 2**20, 3))
     if lp is not None:
         hist["linear_probe"] = lp
+        hist["kept_linear_probe"] = keep = bool(max(hist["val_accuracy"]) < max(lp["val_accuracy"]))
+        if keep:  # early stopping's epoch 0 is the head-only stage: never hand back something worse than it
+            top.set_weights(lp_weights)
+            if log:
+                print(f"fine-tuning never reached the head-only stage's validation accuracy "
+                      f"({max(hist['val_accuracy']):.3f} < {max(lp['val_accuracy']):.3f}): its weights are kept")
     return hist
