@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lib import config
-from lib.atomic import atomic_path, write_json
+from lib import config, plots
+from lib.atomic import write_json
 
 PROFILE_OF_SIZE = {64: "smoke", 224: "full"}
 TARGET_P50_224 = 1.0
@@ -189,9 +189,7 @@ def figure(result: dict, path: Path) -> None:
     axes[2].set_title("app process peak RSS")
     fig.suptitle(f"make app on {result['machine']['cpus']} CPU(s)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    plots.save_png(fig, path, dpi=100, close=True)
 
 
 def main(argv=None) -> int:

@@ -53,8 +53,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lib import config  # the kit is installed editable (make venv)
-from lib.atomic import atomic_path, write_json
+from lib import config, plots  # the kit is installed editable (make venv)
+from lib.atomic import write_json
 
 OUT_DIR = config.build_dir() / "benchmarks"
 RESULTS = OUT_DIR / "finetune_lbc.json"
@@ -450,9 +450,7 @@ def plot(out: dict) -> None:
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(FIGURE) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    plots.save_png(fig, FIGURE, dpi=110, close=True)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lib import config
-from lib.atomic import atomic_path, write_json
+from lib import config, plots
+from lib.atomic import write_json
 
 BATCH = 32  # the recipe's training batch
 MODES = ("eager", "graph")  # the old way (baseline), the kit's
@@ -104,9 +104,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Cached fine-tuning: peak memory by stage (fresh process each)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    plots.save_png(fig, path, dpi=110, close=True)
 
 
 def main(argv=None) -> int:

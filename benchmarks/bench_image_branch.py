@@ -34,8 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lib import config  # the kit is installed editable (make venv)
-from lib.atomic import atomic_path, read_json, write_json
+from lib import config, plots  # the kit is installed editable (make venv)
+from lib.atomic import read_json, write_json
 
 OUT_DIR = config.build_dir() / "benchmarks"
 RESULTS = OUT_DIR / "image_branch.json"
@@ -219,8 +219,7 @@ def draw(data: dict) -> Path:
             ax.set_axis_off()
     fig.suptitle("Image branch benchmarks" + (" (synthetic stand-in data)" if (f or {}).get("synthetic", True) else ""))
     fig.tight_layout()
-    with atomic_path(FIGURE) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    plots.save_png(fig, FIGURE, dpi=100)
     return FIGURE
 
 

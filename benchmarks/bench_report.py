@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib import config
-from lib.atomic import atomic_path, read_json, write_json
+from lib import config, plots
+from lib.atomic import read_json, write_json
 
 TARGET_SECONDS = {"smoke": 10 * 60, "full": 30 * 60}
 TARGET_PEAK_RSS_MB = 5000
@@ -58,9 +58,7 @@ def figure(result: dict, path: Path) -> None:
     axes[1].set_xlabel("kernel peak RSS (MB)")
     axes[1].set_yticklabels([])
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    plots.save_png(fig, path, dpi=100, close=True)
 
 
 def main(argv=None) -> int:

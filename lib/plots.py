@@ -36,6 +36,17 @@ def save_figure(fig, name: str, synthetic: bool = False, figures_dir=None) -> Pa
     target = config.figures_dir(figures_dir) / f"{stem}.png"
     if synthetic:
         stamp_synthetic(fig)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
-    return target
+    return save_png(fig, target)
+
+
+def save_png(fig, path, dpi: int | None = None, close: bool = False) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically (a temporary file, then a rename), so a crash never leaves
+    half a figure where a report or benchmark expects one; the one way the kit writes a figure file."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path

@@ -139,3 +139,27 @@ def test_save_figure_stamps_and_rejects_folders(tmp_path):
     with pytest.raises(ValueError, match="folders"):
         plots.save_figure(fig, "sub/demo", figures_dir=tmp_path)
     plt.close(fig)
+
+
+def test_save_png_writes_atomically_with_the_asked_dpi_and_keeps_an_old_file_on_failure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from lib import plots
+
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1])
+    out = plots.save_png(fig, tmp_path / "bench.png", dpi=50, close=True)
+    assert Image.open(out).size == (100, 50) and not plt.fignum_exists(fig.number)
+    before = out.read_bytes()
+
+    class Broken:
+        def savefig(self, *a, **k):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        plots.save_png(Broken(), out)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["bench.png"]
