@@ -38,6 +38,13 @@ can overfit or stop early:
     .venv/bin/python benchmarks/bench_finetune_lbc.py --small-crops 40 --centre 0.5 --keep-groups 0.4 --probe-size \
         --out screen_lbc40_small --only "LP-FT (lr 1e-4, from block 3a, patience 5)"
 
+Single cells (``--cell-crops PX``): the two darkest blobs (mostly nuclei) inside the central 70 % of each LBC field,
+cut as ``--window`` px squares and resized to PX px, keeping each field's group.  A downsampled field still shows
+dozens of cells; a crop shows one, and a normal-looking cell may sit in an HSIL field, so the probe scores lower:
+
+    .venv/bin/python benchmarks/bench_finetune_lbc.py --cell-crops 40 --probe-size --out screen_lbccells40 \
+        --only "LP-FT (lr 3e-5)" --only "LP-FT (lr 1e-4, from block 3a, patience 5)"
+
 Default data source: <data root>/lbc/Resampled-pap-smear-images ($CERVICAL_KIT_DATA).  The run's split is
 written under build/benchmarks/<results name>_run/ (its own build folder, never a notebook run's).  Target: the
 chosen fine-tuned row matches or beats the probe on test macro-F1 and abnormal AUC.
@@ -137,6 +144,60 @@ def small_crop_proxy(source: Path, px: int, centre: float) -> Path:
     return out
 
 
+def cell_crop_proxy(table, source: Path, px: int, window: int = 96, per_image: int = 2, centre: float = 0.7) -> Path:
+    """Single-cell crops cut from smear fields: in each image of ``table`` (the kit's rows of ``source``), the
+    ``per_image`` darkest blobs inside its central ``centre`` fraction (local minima of the Gaussian-smoothed grey
+    image, at least ``window`` px apart: mostly nuclei), each cut as a ``window``-px square around it and resized to
+    ``px`` x ``px``.  Written as ``<class>/<group>_<copy>_<k>.png`` so the LBC preset's group pattern gives every
+    crop the group of its source image (copies and crops of one field never cross a split).
+
+    Why: a downsampled field (``--small-crops``) still shows dozens of cells and each class's stain tone; a set of
+    single-cell crops, where a normal-looking cell can sit in an HSIL field, is closer to the 7-class set of 40 px
+    crops on which fine-tuning once earned nothing.  Written once under ``<cache>/proxies/`` (atomically)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from scipy import ndimage
+
+    from lib.image.input_pipeline import to_rgb
+    from lib.image.shortcuts import central_box
+
+    if per_image < 1 or window < 8 or not 0 < centre <= 1:
+        raise ValueError(f"--cell-crops: expected per_image >= 1, window >= 8 and centre in (0, 1], got "
+                         f"{per_image}, {window}, {centre}")
+    out = config.cache_dir() / "proxies" / f"{source.name}_cells{per_image}_w{window}_c{round(centre * 100)}_{px}px"
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = 0
+    for group, rows in table.sort_values("path").groupby("group", sort=True):
+        stem = str(group).split("/")[-1].rsplit(".", 1)[0]
+        for copy, (path, label) in enumerate(zip(rows["path"], rows["label"])):
+            with Image.open(path) as im:
+                im.load()
+                rgb = to_rgb(im)
+            grey = ndimage.gaussian_filter(np.asarray(rgb.convert("L"), np.float32), sigma=window / 16)
+            x0, y0, x1, y1 = central_box(*rgb.size, centre)
+            inner = np.full(grey.shape, np.inf, np.float32)
+            inner[y0:y1, x0:x1] = grey[y0:y1, x0:x1]
+            minima = (inner == ndimage.minimum_filter(inner, size=window)) & np.isfinite(inner)
+            ys, xs = np.nonzero(minima)
+            half = window // 2
+            for k, i in enumerate(np.argsort(inner[ys, xs], kind="stable")[:per_image]):
+                cx = int(np.clip(xs[i], half, rgb.size[0] - half))
+                cy = int(np.clip(ys[i], half, rgb.size[1] - half))
+                dst = tmp / label / f"{stem}_{copy}_{k}.png"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                rgb.crop((cx - half, cy - half, cx - half + window, cy - half + window)).resize(
+                    (px, px), Image.BICUBIC).save(dst)
+                n += 1
+    tmp.rename(out)
+    print(f"cell-crop proxy: {n} crops of {window} px from {len(table)} images, {px} px -> {out}", flush=True)
+    return out
+
+
 def group_subset(table, source: Path, fraction: float, seed: int) -> Path:
     """A smaller copy of ``source``: a seeded ``fraction`` of each class's groups (``table['group']``, the kit's
     own grouping), all their images, same relative paths.  Why: the held-out set is small (hundreds of images per
@@ -207,6 +268,11 @@ def main(argv=None) -> int:
     ap.add_argument("--small-crops", type=int, default=None, metavar="PX",
                     help="run on a small-crop proxy of the data: central --centre of each image resized to PX px")
     ap.add_argument("--centre", type=float, default=1.0, help="with --small-crops: central fraction of each side kept")
+    ap.add_argument("--cell-crops", type=int, default=None, metavar="PX",
+                    help="run on single-cell crops of the fields (the --per-image darkest blobs, --window px squares) "
+                         "resized to PX px; the LBC preset's groups are kept")
+    ap.add_argument("--window", type=int, default=96, help="with --cell-crops: side of each crop in source pixels")
+    ap.add_argument("--per-image", type=int, default=2, help="with --cell-crops: crops per image")
     ap.add_argument("--keep-groups", type=float, default=None, metavar="F",
                     help="run on a seeded fraction F of each class's groups (a small-data proxy; after --small-crops)")
     ap.add_argument("--out", default=None, help="results name under build/benchmarks/ (default finetune_lbc): a "
@@ -240,6 +306,11 @@ def main(argv=None) -> int:
             source = str(load_image_dataset("synthetic", seed=args.seed).root)
         source = str(small_crop_proxy(Path(source), args.small_crops, args.centre))
     dataset = None if args.dataset in ("none", "") else args.dataset
+    if args.cell_crops:
+        if args.small_crops:
+            raise SystemExit("--cell-crops and --small-crops: choose one proxy")
+        whole = Run.open("full", data_source=source, dataset=dataset, build=build + "_fields", seed=args.seed)
+        source = str(cell_crop_proxy(whole.table, Path(source), args.cell_crops, args.window, args.per_image))
     if args.keep_groups:
         whole = Run.open("full", data_source=source, dataset=dataset, build=build + "_whole", image_size=args.image_size,
                          seed=args.seed)
@@ -390,6 +461,8 @@ def main(argv=None) -> int:
     some = next(iter(crops.values()))
     out = {"machine": info, "dataset": data_name, "group_unit": run.dataset.group_word,
            "small_crop_proxy": {"px": args.small_crops, "centre": args.centre} if args.small_crops else None,
+           "cell_crop_proxy": {"px": args.cell_crops, "window": args.window, "per_image": args.per_image,
+                               "centre": 0.7} if args.cell_crops else None,
            "keep_groups": args.keep_groups,
            "image_size": size, "epochs": P["epochs"],
            "batch_size": bs, "seed": seed, "n": {"train": len(train_t), "val": len(val_t), "test": len(test_t),

@@ -68,3 +68,38 @@ def test_small_crop_proxy_cuts_the_centre_to_px_and_keeps_names(tmp_path, monkey
     assert made == sorted(p.relative_to(src) for p in src.rglob("*.png"))
     with Image.open(out / made[0]) as im:
         assert im.size == (40, 40)
+
+
+def test_cell_crop_proxy_cuts_the_darkest_blobs_and_keeps_the_groups(tmp_path, monkeypatch):
+    """Two dark nuclei drawn in a light field: the two crops are centred on them, named so the LBC preset groups
+    them with their source image, and the source stays as it was."""
+    import re
+
+    from lib.data.datasets import PRESETS
+
+    monkeypatch.setenv("CERVICAL_KIT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "data" / "fields"
+    rows = []
+    for label, copies in (("HSIL", ("HSIL_1 (3)_0_4446", "HSIL_1 (3)_0_6782")), ("NL", ("NL_10_ (2)",))):
+        (src / label).mkdir(parents=True)
+        for stem in copies:
+            field = np.full((200, 200, 3), 220, np.uint8)
+            field[60:70, 50:60] = 20    # darkest nucleus
+            field[140:150, 130:140] = 60
+            field[0:20, 0:20] = 0       # outside the central 70 %: ignored
+            Image.fromarray(field).save(src / label / f"{stem}.jpg", quality=95)
+            group = f"{label}/{stem.rsplit('_', 2)[0]}" if label == "HSIL" else f"{label}/{stem}.jpg"
+            rows.append({"path": str(src / label / f"{stem}.jpg"), "label": label, "group": group})
+    before = {p: p.read_bytes() for p in src.rglob("*.jpg")}
+    out = _bench().cell_crop_proxy(pd.DataFrame(rows), src, 16, window=40, per_image=2)
+    crops = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert crops == ["HSIL/HSIL_1 (3)_0_0.png", "HSIL/HSIL_1 (3)_0_1.png", "HSIL/HSIL_1 (3)_1_0.png",
+                     "HSIL/HSIL_1 (3)_1_1.png", "NL/NL_10_ (2)_0_0.png", "NL/NL_10_ (2)_0_1.png"]
+    pattern = re.compile(PRESETS["lbc"]["group_pattern"])
+    assert {pattern.match(Path(c).stem)["group"] for c in crops} == {"HSIL_1 (3)", "NL_10_ (2)"}
+    first = np.asarray(Image.open(out / "NL" / "NL_10_ (2)_0_0.png"))
+    second = np.asarray(Image.open(out / "NL" / "NL_10_ (2)_0_1.png"))
+    assert first.shape == (16, 16, 3)
+    assert first[6:10, 6:10].mean() < 80 and second[6:10, 6:10].mean() < 120  # each nucleus in its crop's centre
+    assert first[6:10, 6:10].mean() < second[6:10, 6:10].mean()             # the darker one first
+    assert {p: p.read_bytes() for p in src.rglob("*.jpg")} == before
