@@ -494,32 +494,38 @@ def plot(out: dict) -> None:
                              gridspec_kw={"width_ratios": [1, 1, 1.1]})
     chosen = (out.get("verdict") or {}).get("chosen_on_validation")
     ypos = np.arange(len(names))[::-1]
+    # one colour per row in all three panels: probes orange/brown, the chosen row green, the others from the rest
+    probe_cols, other_cols = iter(["C1", "C5", "C8"] * len(names)), iter(["C0", "C3", "C4", "C6", "C7", "C9"] * len(names))
+    colour = {n: "C2" if n == chosen else next(probe_cols) if rows[n]["kind"] == "probe" else next(other_cols)
+              for n in names}
     for ax, (metric, lo, hi, label) in zip(axes[:2], [("macro_f1", "macro_f1_low", "macro_f1_high", "test macro-F1"),
                                                       ("abnormal_auc", "auc_low", "auc_high", "test abnormal AUC")]):
         for y, n in zip(ypos, names):
             t = rows[n]["test"]
-            color = "C1" if rows[n]["kind"] == "probe" else ("C2" if n == chosen else "C0")
-            ax.errorbar(t[metric], y, xerr=[[t[metric] - t[lo]], [t[hi] - t[metric]]], fmt="o", color=color, capsize=3)
+            ax.errorbar(t[metric], y, xerr=[[t[metric] - t[lo]], [t[hi] - t[metric]]], fmt="o", color=colour[n],
+                        capsize=3)
             ax.plot(rows[n]["val"][metric], y, "x", color="grey")
         ax.set_yticks(ypos, names if ax is axes[0] else [""] * len(names))
         ax.set(xlabel=label + " (o, 95% group bootstrap) / validation (x)")
     proxy = out.get("small_crop_proxy")
-    what = out["dataset"].split(" (")[0] + (f", small-crop proxy {proxy['px']} px" if proxy else "")
+    cells = out.get("cell_crop_proxy")
+    what = out["dataset"].split(" (")[0] + (f", small-crop proxy {proxy['px']} px" if proxy else "") + (
+        f", single-cell crops {cells['px']} px" if cells else "")
     if out.get("keep_groups"):
         what += f", {out['keep_groups']:.0%} of the groups ({out['n']['train']} training images)"
     axes[0].set_title(f"{what}, grouped by {out.get('group_unit', 'source image')}, {out['image_size']} px; "
                       "green: chosen on validation", fontsize=9)
     ax = axes[2]
-    for i, (n, by_keep) in enumerate(out["border_crop"].items()):
+    for n, by_keep in out["border_crop"].items():
         by_keep = dict(sorted(by_keep.items(), key=lambda kv: -kv[1]["keep"]))
         ks = [r["keep"] for r in by_keep.values()]
-        ax.plot(ks, [r["macro_f1"] for r in by_keep.values()], "-o", ms=3, label=n, color=f"C{i % 10}")
+        ax.plot(ks, [r["macro_f1"] for r in by_keep.values()], "-o", ms=3, label=n, color=colour.get(n, "grey"))
         mask = {**{k: v for k, v in by_keep.items() if v["keep"] == 1.0}, **out.get("border_mask", {}).get(n, {})}
         if len(mask) > 1:
             pts = sorted(((r["keep"], r["macro_f1"]) for r in mask.values()), reverse=True)
-            ax.plot(*zip(*pts), ":", color=f"C{i % 10}")
+            ax.plot(*zip(*pts), ":", color=colour.get(n, "grey"))
     ax.set(xlabel="central fraction of each side kept at test time", ylabel="test macro-F1",
-           title="Borders cropped (solid) or painted over (dotted) at test time")
+           title="Test borders cropped (solid) or painted over (dotted)")
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()
