@@ -95,6 +95,10 @@ VARIANTS = {
     # in epochs 12-16, 4 epochs more to pay), so the kit keeps 12 (runs that stop before 12 cannot differ)
     "LP-FT (lr 1e-4, from block 3a, patience 5, 20 epochs)":
         ({**LP, "lr": 1e-4, "unfreeze_from": "block3a", "patience": 5, "epochs": 20}, 3, "ft"),
+    # early stopping (and the head-only comparison) on validation macro-F1 instead of accuracy: for unbalanced
+    # classes, where accuracy favours the big ones (--thin)
+    "LP-FT (lr 1e-4, from block 3a, patience 5, stop on macro-F1)":
+        ({**LP, "lr": 1e-4, "unfreeze_from": "block3a", "patience": 5, "monitor": "val_macro_f1"}, 3, "ft"),
     "LP-FT (lr 1e-4, from block 2a, patience 5)":
         ({**LP, "lr": 1e-4, "unfreeze_from": "block2a", "patience": 5}, 3, "ft"),
     "LP-FT (lr 1e-4, from block 4a, 6 views, patience 5, 20 epochs)":
@@ -198,26 +202,36 @@ def cell_crop_proxy(table, source: Path, px: int, window: int = 96, per_image: i
     return out
 
 
-def group_subset(table, source: Path, fraction: float, seed: int) -> Path:
+def group_subset(table, source: Path, fraction, seed: int) -> Path:
     """A smaller copy of ``source``: a seeded ``fraction`` of each class's groups (``table['group']``, the kit's
-    own grouping), all their images, same relative paths.  Why: the held-out set is small (hundreds of images per
-    split, not thousands); a recipe that wins with 1600 training images may overfit with a few hundred.
+    own grouping), all their images, same relative paths.  ``fraction``: one number for every class, or
+    ``{class: fraction}`` (classes not named keep every group: an unbalanced proxy, ``--thin``).  Why: the held-out
+    set is small (hundreds of images per split, not thousands) and may be unbalanced; a recipe that wins with 1600
+    balanced training images may overfit with a few hundred, or favour the big classes.
     Written once under ``<cache>/proxies/`` (atomically), never into or beside ``source``."""
     import shutil
 
     import numpy as np
 
-    if not 0 < fraction < 1:
-        raise ValueError(f"--keep-groups: expected a fraction in (0, 1), got {fraction!r}")
-    out = config.cache_dir() / "proxies" / f"{source.name}_g{round(fraction * 100)}_s{seed}"
+    per_class = dict(fraction) if isinstance(fraction, dict) else None
+    for f in (per_class or {"": fraction}).values():
+        if not 0 < f < 1:
+            raise ValueError(f"--keep-groups / --thin: expected a fraction in (0, 1), got {f!r}")
+    tag = ("t" + "_".join(f"{c}{round(f * 100)}" for c, f in sorted(per_class.items())) if per_class
+           else f"g{round(fraction * 100)}")
+    out = config.cache_dir() / "proxies" / f"{source.name}_{tag}_s{seed}"
     if out.is_dir():
         return out
     rng = np.random.default_rng(seed)
     first_label = table.groupby("group")["label"].first()
+    unknown = sorted(set(per_class or {}) - set(first_label))
+    if unknown:
+        raise ValueError(f"--thin: no class {unknown} in {source} (classes: {sorted(first_label.unique())})")
     keep = set()
     for label in sorted(first_label.unique()):
         groups = sorted(first_label.index[first_label == label])
-        keep.update(rng.permutation(groups)[:max(2, round(fraction * len(groups)))].tolist())
+        f = per_class.get(label, 1.0) if per_class else fraction
+        keep.update(rng.permutation(groups)[:max(2, round(f * len(groups)))].tolist())
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     rows = table[table["group"].isin(keep)]
@@ -275,6 +289,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-image", type=int, default=2, help="with --cell-crops: crops per image")
     ap.add_argument("--keep-groups", type=float, default=None, metavar="F",
                     help="run on a seeded fraction F of each class's groups (a small-data proxy; after --small-crops)")
+    ap.add_argument("--thin", action="append", default=None, metavar="CLASS=F",
+                    help="keep a seeded fraction F of CLASS's groups (repeatable; other classes keep all): an "
+                         "unbalanced proxy, after --small-crops / --cell-crops")
     ap.add_argument("--out", default=None, help="results name under build/benchmarks/ (default finetune_lbc): a "
                                                 "partial rerun (--only) can keep the full ablation's files")
     args = ap.parse_args(argv)
@@ -311,10 +328,19 @@ def main(argv=None) -> int:
             raise SystemExit("--cell-crops and --small-crops: choose one proxy")
         whole = Run.open("full", data_source=source, dataset=dataset, build=build + "_fields", seed=args.seed)
         source = str(cell_crop_proxy(whole.table, Path(source), args.cell_crops, args.window, args.per_image))
-    if args.keep_groups:
+    thin = {}
+    for item in args.thin or []:
+        cls, _, f = item.partition("=")
+        try:
+            thin[cls] = float(f)
+        except ValueError:
+            raise SystemExit(f"--thin {item!r}: expected CLASS=F, e.g. SCC=0.25") from None
+    if args.keep_groups and thin:
+        raise SystemExit("--keep-groups and --thin: choose one")
+    if args.keep_groups or thin:
         whole = Run.open("full", data_source=source, dataset=dataset, build=build + "_whole", image_size=args.image_size,
                          seed=args.seed)
-        source = str(group_subset(whole.table, Path(source), args.keep_groups, args.seed))
+        source = str(group_subset(whole.table, Path(source), thin or args.keep_groups, args.seed))
     run = Run.open("full", data_source=source, dataset=dataset, build=build, image_size=args.image_size,
                    epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     P = run.params
@@ -463,7 +489,7 @@ def main(argv=None) -> int:
            "small_crop_proxy": {"px": args.small_crops, "centre": args.centre} if args.small_crops else None,
            "cell_crop_proxy": {"px": args.cell_crops, "window": args.window, "per_image": args.per_image,
                                "centre": 0.7} if args.cell_crops else None,
-           "keep_groups": args.keep_groups,
+           "keep_groups": args.keep_groups, "thin": thin or None,
            "image_size": size, "epochs": P["epochs"],
            "batch_size": bs, "seed": seed, "n": {"train": len(train_t), "val": len(val_t), "test": len(test_t),
                                                  "test_groups": int(test_t["group"].nunique())},
@@ -511,6 +537,8 @@ def plot(out: dict) -> None:
     cells = out.get("cell_crop_proxy")
     what = out["dataset"].split(" (")[0] + (f", small-crop proxy {proxy['px']} px" if proxy else "") + (
         f", single-cell crops {cells['px']} px" if cells else "")
+    if out.get("thin"):
+        what += ", unbalanced (groups kept: " + ", ".join(f"{c} {f:.0%}" for c, f in sorted(out["thin"].items())) + ")"
     if out.get("keep_groups"):
         what += f", {out['keep_groups']:.0%} of the groups ({out['n']['train']} training images)"
     axes[0].set_title(f"{what}, grouped by {out.get('group_unit', 'source image')}, {out['image_size']} px; "

@@ -103,3 +103,19 @@ def test_cell_crop_proxy_cuts_the_darkest_blobs_and_keeps_the_groups(tmp_path, m
     assert first[6:10, 6:10].mean() < 80 and second[6:10, 6:10].mean() < 120  # each nucleus in its crop's centre
     assert first[6:10, 6:10].mean() < second[6:10, 6:10].mean()             # the darker one first
     assert {p: p.read_bytes() for p in src.rglob("*.jpg")} == before
+
+
+def test_group_subset_thins_only_the_named_classes(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("CERVICAL_KIT_CACHE", str(tmp_path / "cache"))
+    bench = _bench()
+    src, table = _folder(tmp_path)
+    out = bench.group_subset(table, src, {"B": 0.3}, seed=1)
+    assert out.name.endswith("_tB30_s1")
+    stems = {(p.parent.name, p.stem.rsplit("_", 1)[0]) for p in out.rglob("*.png")}
+    assert sorted(lab for lab, _ in stems) == ["A"] * 10 + ["B"] * 3  # A whole, 30 % of B's 10 groups
+    with pytest.raises(ValueError, match="no class"):
+        bench.group_subset(table, src, {"Z": 0.5}, seed=1)
+    with pytest.raises(ValueError, match="fraction"):
+        bench.group_subset(table, src, {"B": 0.0}, seed=1)

@@ -267,3 +267,37 @@ def test_fine_tuning_worse_than_its_head_only_start_hands_back_the_head_only_wei
                                  train_labels=train_t.label_idx, linear_probe_epochs=5)
     assert cf.fit_top(sane, train_t, val_t, SIZE, 4, epochs=2, views=2, log=False,
                       progress=False)["kept_linear_probe"] is False
+
+
+@pytest.mark.slow
+def test_macro_f1_monitor_is_logged_each_epoch_and_picks_the_restored_weights(three_class):
+    """``monitor="val_macro_f1"``: early stopping and the head-only comparison judge on macro-F1 computed each
+    epoch on the validation activations; the weights handed back score what the record says."""
+    import keras
+
+    train_t, val_t = _halves(three_class)
+    keras.utils.set_random_seed(3)
+    r = im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights="imagenet", seed=3, train_labels=train_t.label_idx,
+                              linear_probe_epochs=1, lr=1e-3, monitor="val_macro_f1")
+    assert r.settings["monitor"] == "val_macro_f1" and r.settings["early_stopping"].startswith("val_macro_f1")
+    a = cf.cache_activations(r, train_t, val_t, SIZE, 4, views=2, progress=False)
+    h = cf.fit_top(r, train_t, val_t, SIZE, 4, epochs=3, views=2, log=False, progress=False, activations=a)
+    f1s = h["val_macro_f1"]
+    assert len(f1s) == h["epochs_run"] == 3 and all(0.0 <= v <= 1.0 for v in f1s)
+    assert h["best_epoch"] == int(np.argmax(f1s)) + 1
+    top = cf.split_model(r.model)[2]
+    y_val = val_t["label_idx"].to_numpy()
+    now = cf.val_macro_f1(top, a["val"], y_val, 3)
+    expected = h["linear_probe"]["start_score"] if h["kept_linear_probe"] else max(f1s)
+    assert now == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="'monitor'"):
+        im.regularized_recipe(3, "efficientnet_lite0", SIZE, weights=None, monitor="val_auc")
+
+
+def test_val_macro_f1_counts_every_class():
+    class Fixed:  # a plain function stands in for a model (lib.predict runs it as it is)
+        def __call__(self, x, training=False):
+            return np.eye(3)[np.asarray(x[:, 0], int)]
+
+    x = np.array([[0.0], [0.0], [1.0], [1.0]])
+    assert cf.val_macro_f1(Fixed(), x, np.array([0, 0, 1, 2]), 3) == pytest.approx((1 + 2 / 3 + 0) / 3)

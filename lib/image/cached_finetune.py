@@ -209,6 +209,34 @@ def pooled_features(model, acts: np.ndarray, batch_size: int = 256) -> np.ndarra
     return out.reshape(acts.shape[:-3] + out.shape[1:])
 
 
+def _macro_f1_callback_class():
+    import keras
+
+    class ValMacroF1(keras.callbacks.Callback):
+        """Adds ``val_macro_f1`` (scikit-learn, every class counted) to each epoch's logs, before early stopping
+        reads them: it must stand before the EarlyStopping callback in the list."""
+
+        def __init__(self, x, y, n_classes: int, batch_size: int):
+            super().__init__()
+            self.x, self.y, self.n_classes, self.batch_size = x, y, n_classes, batch_size
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["val_macro_f1"] = val_macro_f1(self.model, self.x, self.y, self.n_classes, self.batch_size)
+
+    return ValMacroF1
+
+
+def val_macro_f1(model, x, y, n_classes: int, batch_size: int = 256) -> float:
+    """Macro-F1 of ``model``'s argmax on ``(x, y)``, every class counted (an absent prediction scores 0)."""
+    from sklearn.metrics import f1_score
+
+    from lib.predict import predict
+
+    pred = predict(model, x, batch_size=batch_size).argmax(axis=1)
+    return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+
+
 def linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size: int, sw=None, seed: int = 42,
                        log: bool = False) -> dict:
     """LP of LP-FT (Kumar et al., ICLR 2022): train the head alone on the frozen backbone's pooled features.
@@ -254,8 +282,9 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     ``cache_seconds`` (computing the views) and ``cache_mb``, and ``linear_probe`` (the head stage's
     history) when it ran; ``fit_seconds`` covers everything done here (not activations passed in).
 
-    When the head-only stage ran and no fine-tuning epoch reached its best validation accuracy, the
-    head-only weights are put back (``kept_linear_probe`` True).  Why: early stopping restores the best
+    When the head-only stage ran and no fine-tuning epoch reached its validation score (the recipe's
+    ``monitor``: accuracy, or macro-F1 computed each epoch), the head-only weights are put back
+    (``kept_linear_probe`` True).  Why: early stopping restores the best
     *fine-tuning* epoch, which can be worse than where fine-tuning started; the start is a candidate too,
     judged on the same validation split.
     """
@@ -284,27 +313,34 @@ def fit_top(recipe, train_table, val_table, image_size: int, batch_size: int, ep
     cw = recipe.class_weight
     sw = None if cw is None else np.asarray([cw[int(c)] for c in y], np.float32)
     opts = recipe.settings
+    n_classes = int(recipe.model.output.shape[-1])
+    monitor = opts.get("monitor", "val_accuracy")
     lp = lp_weights = None
     if int(opts.get("linear_probe_epochs") or 0) > 0:
         lp = linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size, sw, seed, log=False)
         lp_weights = top.get_weights()  # the head-only result: fine-tuning must beat it on validation to replace it
+        lp["start_score"] = (max(lp["val_accuracy"]) if monitor == "val_accuracy"
+                             else val_macro_f1(top, val_acts, y_val, n_classes, batch_size))
         if log:
             print(f"linear probe (head only, frozen features): best validation accuracy "
-                  f"{max(lp['val_accuracy']):.3f} at epoch {lp['best_epoch']} of {lp['epochs_run']}")
+                  f"{max(lp['val_accuracy']):.3f} at epoch {lp['best_epoch']} of {lp['epochs_run']}"
+                  + ("" if monitor == "val_accuracy" else f"; validation macro-F1 {lp['start_score']:.3f}"))
     seq = _view_sequence_class()(train_acts, y, batch_size, sw, seed)
-    n_classes = int(recipe.model.output.shape[-1])
     _compile_stage(top, recipe.lr, n_classes, opts.get("label_smoothing", 0.0), opts.get("lr_schedule", "constant"),
                    total_steps=int(epochs) * len(seq))
-    hist = fit_history(top, seq, epochs, recipe.callbacks, log=log, n_train=len(y), started=t0,
+    callbacks = list(recipe.callbacks)
+    if monitor == "val_macro_f1":  # computed first, so early stopping finds it in the epoch's logs
+        callbacks.insert(0, _macro_f1_callback_class()(val_acts, y_val, n_classes, batch_size))
+    hist = fit_history(top, seq, epochs, callbacks, log=log, n_train=len(y), started=t0, monitor=monitor,
                        validation_data=(val_acts, y_val), validation_batch_size=batch_size)
     hist.update(cache_seconds=round(cache_s, 2), views=int(views), cut_layer=cut,
                 cache_mb=round((train_acts.nbytes + val_acts.nbytes) / 2**20, 3))
     if lp is not None:
         hist["linear_probe"] = lp
-        hist["kept_linear_probe"] = keep = bool(max(hist["val_accuracy"]) < max(lp["val_accuracy"]))
+        hist["kept_linear_probe"] = keep = bool(max(hist[monitor]) < lp["start_score"])
         if keep:  # early stopping's epoch 0 is the head-only stage: never hand back something worse than it
             top.set_weights(lp_weights)
             if log:
-                print(f"fine-tuning never reached the head-only stage's validation accuracy "
-                      f"({max(hist['val_accuracy']):.3f} < {max(lp['val_accuracy']):.3f}): its weights are kept")
+                print(f"fine-tuning never reached the head-only stage's {monitor} "
+                      f"({max(hist[monitor]):.3f} < {lp['start_score']:.3f}): its weights are kept")
     return hist
