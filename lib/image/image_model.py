@@ -49,7 +49,8 @@ UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c
 #: (0.887 -> 0.924, 0.896 -> 0.942); with 1600-2900 images it changed nothing (4 of 4 runs identical).
 #: Checked afterwards on a fourth proxy, single-cell crops cut from LBC's fields (--cell-crops 40, 3200 training
 #: crops): validation macro-F1 deep 0.836 (3 seeds) vs top 0.763 vs linear probe 0.725
-#: what the regularized recipe's early stopping may watch on the validation split (``regularized_recipe(monitor=)``)
+#: what the regularized recipe's early stopping may watch on the validation split (``regularized_recipe(monitor=)``);
+#: the recipes keep accuracy: macro-F1 stopped earlier and lower on an unbalanced proxy (bench_finetune_lbc.py)
 MONITORS = ("val_accuracy", "val_macro_f1")
 FINE_TUNE_DEPTHS = {
     "top": dict(unfreeze_from=UNFREEZE_FROM, lr=LP_FT_LEARNING_RATE),
