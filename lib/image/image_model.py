@@ -38,6 +38,9 @@ NAIVE_LEARNING_RATE = 1e-3  # Keras's Adam default: what a first attempt uses
 LINEAR_PROBE_EPOCHS = 40  # regularized recipe: most head-only epochs on frozen features (early stopping; 0: off)
 LINEAR_PROBE_LR = 1e-3  # Adam learning rate of that head-only stage
 LP_FT_LEARNING_RATE = 3e-5  # fine-tuning rate after the head-only stage (the head is already fitted)
+#: what the regularized recipe's early stopping may watch on the validation split (``regularized_recipe(monitor=)``);
+#: the recipes keep accuracy: macro-F1 stopped earlier and lower on an unbalanced proxy (bench_finetune_lbc.py)
+MONITORS = ("val_accuracy", "val_macro_f1")
 UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c, 6d, 7a) and top_conv fine-tuned
 #: how much of the backbone the regularized recipe fine-tunes (the run's ``fine_tune`` knob, lib.config):
 #: "top" for images the backbone sees at their own scale; "deep" (blocks 3a-7a at a higher rate) for small
@@ -49,9 +52,6 @@ UNFREEZE_FROM = "block6c"  # regularized recipe: the top three MBConv blocks (6c
 #: (0.887 -> 0.924, 0.896 -> 0.942); with 1600-2900 images it changed nothing (4 of 4 runs identical).
 #: Checked afterwards on a fourth proxy, single-cell crops cut from LBC's fields (--cell-crops 40, 3200 training
 #: crops): validation macro-F1 deep 0.836 (3 seeds) vs top 0.763 vs linear probe 0.725
-#: what the regularized recipe's early stopping may watch on the validation split (``regularized_recipe(monitor=)``);
-#: the recipes keep accuracy: macro-F1 stopped earlier and lower on an unbalanced proxy (bench_finetune_lbc.py)
-MONITORS = ("val_accuracy", "val_macro_f1")
 FINE_TUNE_DEPTHS = {
     "top": dict(unfreeze_from=UNFREEZE_FROM, lr=LP_FT_LEARNING_RATE),
     "deep": dict(unfreeze_from="block3a", lr=1e-4, patience=5),
@@ -300,7 +300,8 @@ def train(model, train_ds, val_ds, epochs: int, callbacks=None, class_weight=Non
     """``model.fit`` (``verbose=0``; one line per epoch when ``log``) -> a JSON-ready history dict.
 
     Keys: the per-epoch lists Keras records (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``),
-    ``epochs_run``, ``best_epoch`` (1-based epoch of the best ``val_accuracy``, or of ``fit_history``'s ``monitor``), ``restored_best``
+    ``epochs_run``, ``best_epoch`` (1-based epoch of the best ``val_accuracy``, or of ``fit_history``'s
+    ``monitor``), ``restored_best``
     (True when EarlyStopping put the best epoch's weights back, so the model *is* that epoch),
     ``fit_seconds`` and, with ``n_train``, ``train_images_per_s``.
     """
