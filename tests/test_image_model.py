@@ -138,3 +138,29 @@ def test_strategy_is_default_without_several_gpus():
     if len(tf.config.list_logical_devices("GPU")) > 1:
         pytest.skip("several GPUs visible")
     assert im.strategy() is tf.distribute.get_strategy()
+
+
+def test_macro_f1_counts_every_class_and_the_interval_brackets_it():
+    y, pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 0, 1, 1])
+    assert im.macro_f1(y, pred, 3) == pytest.approx((0.8 + 0.4 + 0.0) / 3)
+    assert im.macro_f1(y, pred, 4) == pytest.approx((0.8 + 0.4) / 4)  # a class nobody has still counts, as 0
+    ci = im.macro_f1_interval(y, pred, groups=np.arange(6), n_labels=3, n_boot=50, seed=0)
+    assert ci["value"] == pytest.approx(im.macro_f1(y, pred, 3)) and ci["ci_low"] <= ci["value"] <= ci["ci_high"]
+
+
+def test_learning_curves_mark_the_restored_epoch_or_the_kept_head_only_stage():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = {"accuracy": [0.5, 0.7], "val_accuracy": [0.4, 0.6], "loss": [1.0, 0.8], "val_loss": [1.1, 0.9],
+         "restored_best": True, "best_epoch": 2}
+    kept = {**h, "kept_linear_probe": True, "linear_probe": {"val_accuracy": [0.5, 0.65]}}
+    fig = im.plot_learning_curves({"fine-tuned": h, "kept": kept})
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "fine-tuned: restored epoch" in labels and "kept: restored epoch" not in labels
+    assert "kept: head-only stage kept (validation)" in labels
+    line = next(x for x in fig.axes[0].get_lines() if x.get_label().startswith("kept: head-only"))
+    assert list(line.get_ydata()) == [0.65, 0.65]
+    plt.close(fig)

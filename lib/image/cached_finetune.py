@@ -228,13 +228,11 @@ def _macro_f1_callback_class():
 
 
 def val_macro_f1(model, x, y, n_classes: int, batch_size: int = 256) -> float:
-    """Macro-F1 of ``model``'s argmax on ``(x, y)``, every class counted (an absent prediction scores 0)."""
-    from sklearn.metrics import f1_score
-
+    """:func:`lib.image.image_model.macro_f1` of ``model``'s argmax on ``(x, y)``."""
+    from lib.image.image_model import macro_f1
     from lib.predict import predict
 
-    pred = predict(model, x, batch_size=batch_size).argmax(axis=1)
-    return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+    return macro_f1(y, predict(model, x, batch_size=batch_size).argmax(axis=1), n_classes)
 
 
 def linear_probe_stage(recipe, train_acts, y, val_acts, y_val, batch_size: int, sw=None, seed: int = 42,

@@ -493,13 +493,18 @@ def accuracy(model, table, image_size: int, batch_size: int = 32) -> float:
     return float((pred == table["label_idx"].to_numpy()).mean())
 
 
+def macro_f1(y, pred, n_labels: int) -> float:
+    """Macro-F1 over all ``n_labels`` classes (a class never predicted, or absent, scores 0 rather than
+    being dropped): the kit's one definition, for evaluation, intervals and early stopping."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, pred, labels=list(range(n_labels)), average="macro", zero_division=0))
+
+
 def macro_f1_interval(y, pred, groups, n_labels: int, n_boot: int = 1000, seed: int = 42, ci: float = 0.95) -> dict:
     """Percentile-bootstrap interval of macro-F1 that resamples whole groups within each class, so
     images of one cluster or source image count once, as they should."""
-    from sklearn.metrics import f1_score
-
     y, pred, groups = np.asarray(y), np.asarray(pred), np.asarray(groups)
-    labels = list(range(n_labels))
     by_class = {}
     for g in dict.fromkeys(groups.tolist()):
         members = np.flatnonzero(groups == g)
@@ -509,10 +514,10 @@ def macro_f1_interval(y, pred, groups, n_labels: int, n_boot: int = 1000, seed: 
     for _ in range(n_boot):
         idx = np.concatenate([m for groups_c in by_class.values()
                               for k in rng.integers(0, len(groups_c), len(groups_c)) for m in [groups_c[k]]])
-        vals.append(f1_score(y[idx], pred[idx], labels=labels, average="macro", zero_division=0))
+        vals.append(macro_f1(y[idx], pred[idx], n_labels))
     a = (1 - ci) / 2
     n_groups = sum(len(v) for v in by_class.values())
-    return {"value": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+    return {"value": macro_f1(y, pred, n_labels),
             "ci_low": float(np.quantile(vals, a)), "ci_high": float(np.quantile(vals, 1 - a)),
             "method": f"{ci:.0%} percentile bootstrap over {n_groups} groups, resampled within class, {n_boot} draws"}
 
@@ -528,7 +533,7 @@ def score_probs(probs, table, classes, abnormal_classes, n_boot: int = 200, seed
     bootstrap, or ``None`` when the set has only one of the two), and arrays ``y_true``, ``probs``,
     ``abnormal_score``, ``y_abnormal`` (not JSON: see :func:`evaluation_summary`).
     """
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     from lib import metrics
 
@@ -552,7 +557,7 @@ def score_probs(probs, table, classes, abnormal_classes, n_boot: int = 200, seed
         "n_groups": int(len(set(groups.tolist()))),
         "classes": classes,
         "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y, pred, len(classes)),
         "macro_f1_ci": macro_f1_interval(y, pred, groups, len(classes), n_boot=n_boot, seed=seed),
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
         "per_class": classification_report(y, pred, labels=labels, target_names=classes, output_dict=True,
@@ -607,7 +612,10 @@ def plot_learning_curves(histories: dict, title: str | None = None):
         ax_acc.plot(ep, h["val_accuracy"], "--o", ms=3, color=color, label=f"{name}: validation")
         ax_loss.plot(ep, h["loss"], "-o", ms=3, color=color, label=f"{name}: train")
         ax_loss.plot(ep, h["val_loss"], "--o", ms=3, color=color, label=f"{name}: validation")
-        if h.get("restored_best"):
+        if h.get("kept_linear_probe"):  # no fine-tuning epoch won: the model is the head-only stage
+            ax_acc.axhline(max(h["linear_probe"]["val_accuracy"]), color=color, lw=0.8, ls=":",
+                           label=f"{name}: head-only stage kept (validation)")
+        elif h.get("restored_best"):
             ax_acc.axvline(h["best_epoch"], color=color, lw=0.8, ls=":", label=f"{name}: restored epoch")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
     ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
